@@ -1,0 +1,235 @@
+"""Open a Skywork-R1V / InternVL-chat checkpoint directory and read it lazily, one tensor at a time.
+
+A checkpoint is config.json + safetensors (one file, or shards with model.safetensors.index.json) +
+tokenizer files + optional generation_config.json. Opening reads only headers and small JSON files;
+tensor data is memory-mapped and copied only when a caller asks for it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .config import R1VConfig, load_config
+from .errors import CheckpointError
+from .safetensors_io import MappedFile, TensorInfo, bf16_to_f32, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Tokens the R1V families use; whichever the tokenizer holds are reported with their ids.
+R1V_SPECIAL_TOKENS = (
+    "<img>", "</img>", "<IMG_CONTEXT>", "<|im_start|>", "<|im_end|>", "<|endoftext|>",
+    "<think>", "</think>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+)
+
+
+@dataclass
+class TokenizerFiles:
+    """What the checkpoint's tokenizer files say, read without building a tokenizer."""
+
+    tokenizer_json: Path | None
+    vocab_merges: tuple[Path, Path] | None
+    tokenizer_config: dict[str, Any]
+    added_tokens: dict[str, int]  # content -> id, from tokenizer.json / tokenizer_config / added_tokens.json
+    chat_template: str | None
+
+    def token_id(self, token: str) -> int | None:
+        return self.added_tokens.get(token)
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: config, tensor index, tokenizer facts. Use as a context manager."""
+
+    path: Path
+    config: R1VConfig
+    tensors: dict[str, TensorInfo]
+    tokenizer: TokenizerFiles
+    generation_config: dict[str, Any]
+    _maps: dict[Path, MappedFile] = field(default_factory=dict, repr=False)
+
+    # --- tensor access -------------------------------------------------------------------------
+    def raw(self, name: str) -> np.ndarray:
+        """The stored values as a read-only memory-mapped view (BF16 as uint16 bit patterns)."""
+        info = self._info(name)
+        mapped = self._maps.get(info.file)
+        if mapped is None:
+            mapped = self._maps[info.file] = MappedFile(info.file)
+        return mapped.array(info)
+
+    def read(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """A copy of the tensor converted to `dtype` (BF16 widened exactly to float32 first)."""
+        info = self._info(name)
+        raw = self.raw(name)
+        values = bf16_to_f32(raw) if info.dtype == "BF16" else raw
+        return np.array(values, dtype=dtype, copy=True)
+
+    def iter_tensors(self, prefix: str = "") -> Iterator[TensorInfo]:
+        """Tensor infos in file order (sequential reads), optionally only names under `prefix`."""
+        for info in sorted(self.tensors.values(), key=lambda t: (str(t.file), t.start)):
+            if info.name.startswith(prefix):
+                yield info
+
+    def component(self, name: str) -> str:
+        return self.config.family.component_of(name)
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r} in the checkpoint") from None
+
+    # --- special tokens and templates ----------------------------------------------------------
+    def special_tokens(self) -> dict[str, int]:
+        """R1V special tokens present in the tokenizer, with their ids."""
+        return {t: i for t in R1V_SPECIAL_TOKENS if (i := self.tokenizer.token_id(t)) is not None}
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """EOS ids from generation_config.json, else llm_config, else tokenizer_config's eos token."""
+        for value in (self.generation_config.get("eos_token_id"), self.config.llm.eos_token_id):
+            if value is not None:
+                return list(value) if isinstance(value, list) else [value]
+        eos = _token_content(self.tokenizer.tokenizer_config.get("eos_token"))
+        found = self.tokenizer.token_id(eos) if eos else None
+        return [found] if found is not None else []
+
+    # --- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(path: str | Path, *, check_shapes: bool = True) -> Checkpoint:
+    """Open checkpoint directory `path`. Raises CheckpointError naming the file and tensor/field."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    config = load_config(path)
+    tensors = _read_tensor_index(path)
+    if check_shapes:
+        _check_shapes(path, config, tensors)
+    return Checkpoint(
+        path=path,
+        config=config,
+        tensors=tensors,
+        tokenizer=read_tokenizer_files(path),
+        generation_config=_read_json(path / "generation_config.json", optional=True),
+    )
+
+
+def _read_json(path: Path, optional: bool = False) -> dict[str, Any]:
+    if not path.is_file():
+        if optional:
+            return {}
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_tensor_index(path: Path) -> dict[str, TensorInfo]:
+    index_path = path / INDEX_FILE
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: missing or empty 'weight_map'")
+        shards = sorted(set(weight_map.values()))
+    elif (path / SINGLE_FILE).is_file():
+        weight_map, shards = None, [SINGLE_FILE]
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{path}: no {INDEX_FILE}, {SINGLE_FILE} or *.safetensors file")
+        weight_map = None
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        shard_path = path / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: lists shard {shard!r}, which is missing from {path}")
+        infos, _ = read_header(shard_path)
+        for name, info in infos.items():
+            if name in tensors:
+                raise CheckpointError(f"{shard_path}: tensor {name!r} also appears in {tensors[name].file.name}")
+            tensors[name] = info
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            info = tensors.get(name)
+            if info is None or info.file.name != shard:
+                where = f"found in {info.file.name}" if info else "found in no shard"
+                raise CheckpointError(f"{index_path}: tensor {name!r} is listed in {shard!r} but {where}")
+        extra = sorted(set(tensors) - set(weight_map))
+        if extra:
+            raise CheckpointError(f"{tensors[extra[0]].file}: tensor {extra[0]!r} is not listed in {INDEX_FILE}")
+    return tensors
+
+
+def _check_shapes(path: Path, config: R1VConfig, tensors: dict[str, TensorInfo]) -> None:
+    expected = config.family.expected_shapes(config)
+    for name, shape in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{path}: tensor {name!r} required by config.json is missing")
+        if info.shape != shape:
+            raise CheckpointError(
+                f"{info.file}: tensor {name!r} has shape {list(info.shape)} "
+                f"but config.json implies {list(shape)}"
+            )
+    for name, info in tensors.items():
+        if info.dtype not in ("BF16", "F16", "F32"):
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}; expected BF16, F16 or F32")
+
+
+def _token_content(token: Any) -> str | None:
+    """tokenizer_config stores special tokens as strings or as {"content": ...} objects."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
+
+def read_tokenizer_files(path: Path) -> TokenizerFiles:
+    """Find the tokenizer (tokenizer.json, or vocab.json + merges.txt) and its added tokens and template."""
+    tokenizer_json = path / "tokenizer.json"
+    vocab, merges = path / "vocab.json", path / "merges.txt"
+    if not tokenizer_json.is_file() and not (vocab.is_file() and merges.is_file()):
+        raise CheckpointError(f"{path}: missing tokenizer: neither tokenizer.json nor vocab.json + merges.txt")
+    tokenizer_config = _read_json(path / "tokenizer_config.json", optional=True)
+    added: dict[str, int] = {}
+    if tokenizer_json.is_file():
+        data = _read_json(tokenizer_json)
+        if not isinstance(data.get("model"), dict):
+            raise CheckpointError(f"{tokenizer_json}: missing field 'model'")
+        for entry in data.get("added_tokens") or []:
+            added[entry["content"]] = int(entry["id"])
+    for token_id, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
+        added.setdefault(entry["content"], int(token_id))
+    for content, token_id in _read_json(path / "added_tokens.json", optional=True).items():
+        added.setdefault(content, int(token_id))
+    template = tokenizer_config.get("chat_template")
+    jinja_file = path / "chat_template.jinja"
+    if template is None and jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return TokenizerFiles(
+        tokenizer_json=tokenizer_json if tokenizer_json.is_file() else None,
+        vocab_merges=(vocab, merges) if vocab.is_file() and merges.is_file() else None,
+        tokenizer_config=tokenizer_config,
+        added_tokens=added,
+        chat_template=template,
+    )

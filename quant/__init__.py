@@ -1,0 +1,1 @@
+"""Quantization math (AWQ, RTN, packing, importance matrices), independent of file formats."""

@@ -1,0 +1,49 @@
+"""The `r1v` command: one subcommand per job, each a module of this package with `add_arguments` and `run`.
+
+Subcommand modules import only argparse at the top and keep heavy imports inside `run`, so
+`r1v --help` stays fast and torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from r1v.converters.errors import CheckpointError
+
+# name -> (module under r1v.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("inspect_cmd", "show what a checkpoint holds: components, parameters, dtypes, tokens, template"),
+    "plan": ("plan_cmd", "memory each way of running a model needs, from config.json alone"),
+    "demo": ("demo_cmd", "run the main job on the bundled default model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from r1v import __version__
+
+    parser = argparse.ArgumentParser(prog="r1v", description="Convert and run Skywork-R1V models off the datacenter.")
+    parser.add_argument("--version", action="version", version=f"r1v-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_module=module)
+        importlib.import_module(f"r1v.cli.{module}").add_arguments(cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(f"r1v.cli.{args._module}")
+    try:
+        return int(module.run(args) or 0)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"r1v {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"r1v {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

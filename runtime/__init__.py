@@ -1,0 +1,1 @@
+"""Loading and running converted models; image preprocessing; memory planning."""

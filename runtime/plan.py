@@ -1,0 +1,500 @@
+"""Memory planning from config.json alone: how big each GGUF file and each AWQ GPU placement is.
+
+No weights are read and torch is never imported. Every tensor the checkpoint holds comes from the model
+family's shape table (`cfg.family.expected_shapes`), so the planner and the converters agree on what exists.
+
+Units: byte counts are exact ints. For people, `format_plan` prints GB = 10**9 bytes, while the common memory
+sizes a device is sold as (16/24/32/48/80 "GB") are treated as GiB: a "24 GB" RTX 4090 holds 24 * 2**30 bytes.
+
+    plan = plan_memory(load_config("config.json"), context=8192)
+    print(format_plan(plan))
+    entry = best_placement(cfg, 24 * GiB, context=8192)   # the AWQ backend's choice
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..converters.config import R1VConfig
+
+GiB = 1 << 30
+MiB = 1 << 20
+GB = 10**9
+
+# Device / RAM sizes people buy, in GiB; each plan entry names the smallest one it fits into.
+COMMON_MEMORY_GIB: tuple[int, ...] = (16, 24, 32, 48, 80)
+
+# --- Runtime overheads (assumptions, not measurements of this code) ---------------------------------------
+# GPU (AWQ backend, torch): the CUDA context plus cuBLAS/Triton workspaces take ~0.3-0.5 GiB of device memory
+# that torch does not report; peak activations for a 2048-token prefill chunk of the 32B LLM are ~0.7 GiB
+# (gate+up outputs 2 x 2048 x 27648 fp16 = 216 MiB, their product 108 MiB, one linear's weight dequantized to
+# fp16 for the large-M GEMM path <= 270 MiB, attention through SDPA without a materialized score matrix), and
+# the ViT run on a few 448 tiles at a time stays under that. Allocator fragmentation is inside the margin.
+CUDA_CONTEXT_BYTES = 512 * MiB
+GPU_ACTIVATION_BYTES = 768 * MiB
+GPU_RUNTIME_OVERHEAD_BYTES = CUDA_CONTEXT_BYTES + GPU_ACTIVATION_BYTES  # 1.25 GiB
+# CPU (llama.cpp): the LLM's compute buffer for a 512-token micro-batch plus the logits buffer, and libmtmd's
+# clip compute buffer for one 448 tile of InternViT-6B (F32 activations, 25 heads x 1025^2 scores).
+LLAMACPP_COMPUTE_BYTES = 512 * MiB
+CLIP_COMPUTE_BYTES = 256 * MiB
+
+KV_BYTES_PER_ELEMENT = 2  # fp16 K and V, the default of both backends (llama.cpp type_k/type_v = f16)
+
+
+# --- ggml tensor types -------------------------------------------------------------------------------------
+# (elements per block, bytes per block), as ggml's type traits / gguf-py's GGML_QUANT_SIZES. Bits per weight:
+# F16 16, Q8_0 8.5, Q6_K 6.5625, Q5_K 5.5, Q5_1 6, Q5_0 5.5, Q4_K 4.5, Q4_1 5, Q4_0 4.5.
+QK_K = 256
+GGML_BLOCKS: dict[str, tuple[int, int]] = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q8_0": (32, 2 + 32),
+    "Q5_1": (32, 2 + 2 + 4 + 16),
+    "Q5_0": (32, 2 + 4 + 16),
+    "Q4_1": (32, 2 + 2 + 16),
+    "Q4_0": (32, 2 + 16),
+    "Q6_K": (QK_K, 2 + QK_K // 2 + QK_K // 4 + QK_K // 16),
+    "Q5_K": (QK_K, 2 + 2 + QK_K // 2 + QK_K // 8 + 12),
+    "Q4_K": (QK_K, 2 + 2 + QK_K // 2 + 12),
+}
+
+# llama.cpp src/llama-quant.cpp, tensor_type_fallback(): a row length not divisible by the block size moves
+# a k-quant to a 32-block type; if that does not divide either, the tensor is stored F16.
+KQUANT_FALLBACK: dict[str, str] = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def ggml_nbytes(ggml_type: str, shape: tuple[int, ...]) -> int:
+    """Bytes of one tensor stored as `ggml_type`; `shape` in PyTorch order (rows are the last dimension)."""
+    block, size = GGML_BLOCKS[ggml_type]
+    ncols = shape[-1]
+    if ncols % block:
+        raise ValueError(f"row length {ncols} is not a multiple of the {ggml_type} block size {block}")
+    return math.prod(shape[:-1]) * (ncols // block) * size
+
+
+def _fits_blocks(ggml_type: str, ncols: int) -> bool:
+    return ncols % GGML_BLOCKS[ggml_type][0] == 0
+
+
+# --- GGUF mixtures of the LLM file -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GGUFMix:
+    """One llama.cpp file type. Rules from llama.cpp src/llama-quant.cpp (llama_ftype_get_default_type,
+    llama_tensor_get_type_impl, tensor_type_fallback), only the branches these file types reach for a
+    dense (non-MoE, non-Falcon, non-70B) qwen2 model."""
+
+    default: str  # type of every quantizable 2-D weight (llama_ftype_get_default_type)
+    # attn_v and ffn_down of the layers where use_more_bits(i, n) holds get this type (the "_M" mixes):
+    # `(Q4_K_M || Q5_K_M) && use_more_bits(i_attention_wv, n_attention_wv)` -> Q6_K, and the same for ffn_down.
+    more_bits: str | None = None
+    # Written by convert_hf_to_gguf / gguf-py directly (F16, Q8_0: every 2-D weight, token_embd and output
+    # included, in `default`; a Q8_0 row not divisible by 32 falls back to F16), rather than by the quantizer.
+    direct: bool = False
+
+
+LLM_GGUF_MIXES: dict[str, GGUFMix] = {
+    "F16": GGUFMix("F16", direct=True),
+    "Q8_0": GGUFMix("Q8_0", direct=True),
+    "Q6_K": GGUFMix("Q6_K"),
+    "Q5_K_M": GGUFMix("Q5_K", more_bits="Q6_K"),
+    "Q4_K_M": GGUFMix("Q4_K", more_bits="Q6_K"),
+}
+MMPROJ_GGUF_TYPES: tuple[str, ...] = ("F16", "Q8_0")
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's layer pick for the _M mixes: the first and last eighth of the layers, and every third one
+    in between (C integer division and modulo; the operands are never negative here)."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+# HF name (after "language_model.") -> llama.cpp tensor name; "{i}" is the layer.
+LLM_GGUF_NAMES: dict[str, str] = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
+
+
+def _llm_gguf_name(hf_name: str) -> tuple[str, int | None]:
+    """('blk.3.attn_v.weight', 3) for an LLM tensor of the checkpoint."""
+    m = _LAYER.match(hf_name)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        return f"blk.{layer}.{LLM_GGUF_NAMES[rest]}", layer
+    return LLM_GGUF_NAMES[hf_name.removeprefix("language_model.")], None
+
+
+def llm_gguf_tensor_type(
+    mix: GGUFMix, gguf_name: str, shape: tuple[int, ...], layer: int | None, n_layers: int, tied: bool
+) -> str:
+    """The ggml type llama.cpp gives one LLM tensor in a file of mixture `mix`."""
+    ncols = shape[-1]
+    # 1-D tensors (norms, biases) are written F32 by the converter and never quantized (n_dims < 2).
+    if len(shape) < 2 or gguf_name.endswith("_norm.weight"):
+        return "F32"
+    if mix.direct:
+        return mix.default if _fits_blocks(mix.default, ncols) else "F16"
+    new_type = mix.default
+    # output.weight, or token_embd when the embeddings are tied: Q8_0 if the row does not fit the default
+    # type's blocks, else Q6_K unless the default is Q8_0.
+    if gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
+        if not _fits_blocks(mix.default, ncols):
+            new_type = "Q8_0"
+        elif mix.default != "Q8_0":
+            new_type = "Q6_K"
+    elif gguf_name == "token_embd.weight":
+        pass  # only the IQ*/TQ* mixes change token_embd; the k-quant mixes keep the default type
+    elif mix.more_bits and (".attn_v." in gguf_name or ".ffn_down." in gguf_name):
+        # i_attention_wv / i_ffn_down count tensors in file order, one per layer for qwen2: the layer index.
+        if use_more_bits(layer or 0, n_layers):
+            new_type = mix.more_bits
+    if not _fits_blocks(new_type, ncols):
+        new_type = KQUANT_FALLBACK.get(new_type, "F16")
+        if not _fits_blocks(new_type, ncols):
+            new_type = "F16"
+    return new_type
+
+
+def mmproj_gguf_tensor_type(file_type: str, hf_name: str, shape: tuple[int, ...]) -> str:
+    """The ggml type convert_hf_to_gguf.py (--mmproj) gives one ViT / projector tensor.
+
+    From conversion/base.py (ModelBase.prepare_tensors, MmprojModel.tensor_force_quant) and
+    conversion/intern_vision.py: position embedding F32 (V_ENC_EMBD_POS); patch embedding F16 in an F16 file,
+    F32 otherwise; 1-D tensors, *_norm.weight and names not ending in .weight (class_embd) F32; every other
+    weight (q/k/v after the qkv split, attn_out, ffn_up/down, mm.1, mm.3) in the file type, F16 when a Q8_0
+    row is not a multiple of 32.
+    """
+    if hf_name.endswith("position_embedding") or hf_name.endswith("class_embedding"):
+        return "F32"
+    if hf_name.endswith("patch_embedding.weight"):
+        return "F16" if file_type == "F16" else "F32"
+    if len(shape) < 2:
+        return "F32"
+    return file_type if _fits_blocks(file_type, shape[-1]) else "F16"
+
+
+# --- AWQ / weight-only integer layouts ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearQuant:
+    """Weight-only integer storage of one nn.Linear [out, in].
+
+    Packed like AutoAWQ GEMM: qweight int32 [in, out*bits/32], scales fp16 [groups, out],
+    qzeros int32 [groups, out*bits/32] when asymmetric; groups = in/group_size, or 1 (per output channel)
+    when group_size is None.
+    """
+
+    bits: int
+    group_size: int | None
+    zero_point: bool
+
+    def nbytes(self, in_features: int, out_features: int) -> int:
+        packed_cols = math.ceil(out_features * self.bits / 32)
+        groups = math.ceil(in_features / self.group_size) if self.group_size else 1
+        qweight = in_features * packed_cols * 4
+        scales = groups * out_features * 2
+        qzeros = groups * packed_cols * 4 if self.zero_point else 0
+        return qweight + scales + qzeros
+
+
+# The LLM's decoder linears: AutoAWQ GEMM, 4 bit, group 128, zero point (DESIGN section 4).
+AWQ_LLM = LinearQuant(bits=4, group_size=128, zero_point=True)
+# The vision tower's linears (qkv, proj, fc1, fc2) by choice; everything else in the tower stays fp16.
+# int8 is per output channel, symmetric; int4 reuses the LLM's GEMM layout (and kernels).
+VISION_FORMATS: dict[str, LinearQuant | None] = {
+    "fp16": None,
+    "int8": LinearQuant(bits=8, group_size=None, zero_point=False),
+    "int4": LinearQuant(bits=4, group_size=128, zero_point=True),
+}
+EMBED_PLACES: tuple[str, ...] = ("gpu", "cpu")
+# Highest quality first: vision precision decides, then embeddings on the GPU (same numbers either way, the
+# CPU table only costs a host-to-device copy of each step's input rows).
+AWQ_PLACEMENTS: tuple[tuple[str, str], ...] = tuple((v, e) for v in VISION_FORMATS for e in EMBED_PLACES)
+
+
+def awq_key(vision: str, embed: str) -> str:
+    return f"awq[vision={vision},embed={embed}]"
+
+
+# --- parameter counts --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tensor:
+    name: str  # checkpoint (HF) name
+    shape: tuple[int, ...]
+    component: str  # vision | projector | embeddings | lm_head | llm
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_linear(self) -> bool:
+        """A 2-D Linear weight of the ViT or of an LLM decoder layer (what AWQ / int8 / int4 quantize)."""
+        return (
+            self.component in ("vision", "llm") and len(self.shape) == 2 and self.name.endswith(".weight")
+        )
+
+
+def checkpoint_tensors(cfg: R1VConfig) -> list[Tensor]:
+    """Every tensor of a complete checkpoint, from the family's shape table."""
+    out = []
+    for name, shape in cfg.family.expected_shapes(cfg).items():
+        component = cfg.family.component_of(name)
+        if component == "other":
+            raise ValueError(f"{name}: tensor belongs to no known component")
+        out.append(Tensor(name, tuple(shape), component))
+    return out
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    vision_linear: int  # qkv, proj, fc1, fc2 weights
+    vision_other: int  # embeddings (class, patch, position), norms, q/k norms, biases, layer scales
+    projector: int  # mlp1: LayerNorm + two Linear with biases
+    llm_linear: int  # q, k, v, o, gate, up, down weights
+    llm_bias: int  # q, k, v biases
+    llm_norm: int  # input/post-attention RMSNorms and the final norm
+    embeddings: int
+    lm_head: int  # 0 when tie_word_embeddings
+
+    @property
+    def vision(self) -> int:
+        return self.vision_linear + self.vision_other
+
+    @property
+    def llm(self) -> int:
+        """The decoder without embeddings / lm_head."""
+        return self.llm_linear + self.llm_bias + self.llm_norm
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.llm + self.embeddings + self.lm_head
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "vision": self.vision, "vision_linear": self.vision_linear, "vision_other": self.vision_other,
+            "projector": self.projector,
+            "llm": self.llm, "llm_linear": self.llm_linear, "llm_bias": self.llm_bias, "llm_norm": self.llm_norm,
+            "embeddings": self.embeddings, "lm_head": self.lm_head, "total": self.total,
+        }
+
+
+def count_params(cfg: R1VConfig) -> ParamCounts:
+    n = dict.fromkeys(
+        ("vision_linear", "vision_other", "projector", "llm_linear", "llm_bias", "llm_norm", "embeddings",
+         "lm_head"), 0,
+    )
+    for t in checkpoint_tensors(cfg):
+        if t.component == "vision":
+            n["vision_linear" if t.is_linear else "vision_other"] += t.numel
+        elif t.component == "llm":
+            kind = "llm_linear" if t.is_linear else "llm_bias" if t.name.endswith(".bias") else "llm_norm"
+            n[kind] += t.numel
+        else:
+            n[t.component] += t.numel
+    return ParamCounts(**n)
+
+
+def kv_bytes_per_token(cfg: R1VConfig) -> int:
+    """K and V of every layer for one token: layers x kv_heads x head_dim x 2 (K, V) x 2 bytes."""
+    t = cfg.llm
+    return t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2 * KV_BYTES_PER_ELEMENT
+
+
+# --- per-format weight bytes -------------------------------------------------------------------------------
+def gguf_llm_bytes(cfg: R1VConfig, mix_name: str) -> dict[str, int]:
+    """Tensor-data bytes of the LLM GGUF file of mixture `mix_name`, by ggml type (the GGUF header,
+    tokenizer metadata and 32-byte alignment padding, a few MB, are not counted)."""
+    mix = LLM_GGUF_MIXES[mix_name]
+    n_layers, tied = cfg.llm.num_hidden_layers, cfg.llm.tie_word_embeddings
+    by_type: dict[str, int] = {}
+    for t in checkpoint_tensors(cfg):
+        if t.component not in ("llm", "embeddings", "lm_head"):
+            continue
+        gguf_name, layer = _llm_gguf_name(t.name)
+        ggml_type = llm_gguf_tensor_type(mix, gguf_name, t.shape, layer, n_layers, tied)
+        by_type[ggml_type] = by_type.get(ggml_type, 0) + ggml_nbytes(ggml_type, t.shape)
+    return by_type
+
+
+def gguf_mmproj_bytes(cfg: R1VConfig, file_type: str) -> dict[str, int]:
+    """Tensor-data bytes of the mmproj GGUF (ViT + mlp1) of `file_type`, by ggml type."""
+    by_type: dict[str, int] = {}
+    for t in checkpoint_tensors(cfg):
+        if t.component not in ("vision", "projector"):
+            continue
+        ggml_type = mmproj_gguf_tensor_type(file_type, t.name, t.shape)
+        by_type[ggml_type] = by_type.get(ggml_type, 0) + ggml_nbytes(ggml_type, t.shape)
+    return by_type
+
+
+def awq_bytes(cfg: R1VConfig, vision: str) -> dict[str, int]:
+    """Bytes of an AWQ placement by component: llm (AWQ linears + fp16 biases/norms), embeddings, lm_head
+    (fp16, not quantized), vision (per `vision`), projector (fp16)."""
+    vision_quant = VISION_FORMATS[vision]
+    out = dict.fromkeys(("llm", "embeddings", "lm_head", "vision", "projector"), 0)
+    for t in checkpoint_tensors(cfg):
+        quant = AWQ_LLM if t.component == "llm" else vision_quant if t.component == "vision" else None
+        if quant is not None and t.is_linear:
+            out_features, in_features = t.shape
+            out[t.component] += quant.nbytes(in_features, out_features)
+        else:
+            out[t.component] += t.numel * 2
+    return out
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanEntry:
+    key: str  # "gguf.llm.Q4_K_M", "gguf.mmproj.F16", "awq[vision=int4,embed=cpu]"
+    format: str  # "gguf" | "awq"
+    device: str  # where weights_bytes live: "cpu" (RAM) | "cuda"
+    weights_bytes: int
+    kv_bytes: int
+    overhead_bytes: int
+    total_bytes: int  # weights + kv + overhead, all on `device`
+    fits: int | None  # smallest of COMMON_MEMORY_GIB (GiB) holding total_bytes; None if none does
+    host_bytes: int = 0  # kept in host RAM besides (the embedding table for embed=cpu)
+    vision: str | None = None  # AWQ: fp16 | int8 | int4
+    embed: str | None = None  # AWQ: gpu | cpu
+    # bytes by ggml type (gguf) or by component (awq)
+    breakdown: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "format": self.format, "device": self.device, "weights_bytes": self.weights_bytes,
+            "kv_bytes": self.kv_bytes, "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes,
+            "host_bytes": self.host_bytes, "fits_gib": self.fits, "breakdown": dict(self.breakdown),
+        }
+        if self.format == "awq":
+            out.update(vision=self.vision, embed=self.embed)
+        return out
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    context: int
+    params: ParamCounts
+    kv_bytes_per_token: int
+    entries: tuple[PlanEntry, ...]
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.context
+
+    def entry(self, key: str) -> PlanEntry:
+        for e in self.entries:
+            if e.key == key:
+                return e
+        raise KeyError(key)
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {e.key: e.to_json() for e in self.entries}
+        out["kv_cache"] = {"bytes": self.kv_bytes, "bytes_per_token": self.kv_bytes_per_token}
+        out["context"] = self.context
+        out["params"] = self.params.to_json()
+        return out
+
+
+def smallest_fit(total_bytes: int, sizes_gib: tuple[int, ...] = COMMON_MEMORY_GIB) -> int | None:
+    return next((size for size in sorted(sizes_gib) if total_bytes <= size * GiB), None)
+
+
+def _entry(key: str, fmt: str, device: str, breakdown: dict[str, int], kv: int, overhead: int,
+           exclude: tuple[str, ...] = (), **extra: object) -> PlanEntry:
+    weights = sum(v for k, v in breakdown.items() if k not in exclude)
+    host = sum(v for k, v in breakdown.items() if k in exclude)
+    total = weights + kv + overhead
+    return PlanEntry(key, fmt, device, weights, kv, overhead, total, smallest_fit(total),
+                     host_bytes=host, breakdown=breakdown, **extra)  # type: ignore[arg-type]
+
+
+def _awq_entries(cfg: R1VConfig, context: int, gpu_overhead_bytes: int) -> Iterator[PlanEntry]:
+    kv = kv_bytes_per_token(cfg) * context
+    for vision, embed in AWQ_PLACEMENTS:
+        yield _entry(
+            awq_key(vision, embed), "awq", "cuda", awq_bytes(cfg, vision), kv, gpu_overhead_bytes,
+            exclude=("embeddings",) if embed == "cpu" else (), vision=vision, embed=embed,
+        )
+
+
+def plan_memory(cfg: R1VConfig, context: int = 8192, *,
+                gpu_overhead_bytes: int = GPU_RUNTIME_OVERHEAD_BYTES) -> MemoryPlan:
+    """Sizes of every GGUF file type and AWQ placement for `cfg` at `context` tokens of KV cache."""
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    kv = kv_bytes_per_token(cfg) * context
+    entries = [
+        _entry(f"gguf.llm.{name}", "gguf", "cpu", gguf_llm_bytes(cfg, name), kv, LLAMACPP_COMPUTE_BYTES)
+        for name in LLM_GGUF_MIXES
+    ]
+    entries += [
+        _entry(f"gguf.mmproj.{name}", "gguf", "cpu", gguf_mmproj_bytes(cfg, name), 0, CLIP_COMPUTE_BYTES)
+        for name in MMPROJ_GGUF_TYPES
+    ]
+    entries += _awq_entries(cfg, context, gpu_overhead_bytes)
+    return MemoryPlan(context, count_params(cfg), kv_bytes_per_token(cfg), tuple(entries))
+
+
+def best_placement(cfg: R1VConfig, device_memory_bytes: int, context: int = 8192, *,
+                   gpu_overhead_bytes: int = GPU_RUNTIME_OVERHEAD_BYTES) -> PlanEntry | None:
+    """The highest-quality AWQ placement whose weights + KV + overhead fit `device_memory_bytes`:
+    fp16 vision over int8 over int4, and for each the embedding table on the GPU before the CPU.
+    None when not even int4 vision with embeddings on the CPU fits."""
+    for entry in _awq_entries(cfg, context, gpu_overhead_bytes):
+        if entry.total_bytes <= device_memory_bytes:
+            return entry
+    return None
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A table for people: GB (10^9 bytes) with one decimal; `fits` names the smallest common size,
+    counted as GiB (a "24 GB" card holds 24 GiB)."""
+    p = plan.params
+    lines = [
+        f"Memory plan at {plan.context} tokens of context "
+        f"(KV cache {plan.kv_bytes_per_token // 1024} KiB/token = {plan.kv_bytes / GB:.1f} GB)",
+        f"Parameters: LLM linears {p.llm_linear / 1e9:.2f} B, embeddings {p.embeddings / 1e9:.2f} B, "
+        f"lm_head {p.lm_head / 1e9:.2f} B, ViT {p.vision / 1e9:.2f} B, projector {p.projector / 1e9:.3f} B, "
+        f"total {p.total / 1e9:.2f} B",
+        "",
+        f"{'option':<29} {'device':<6} {'weights':>8} {'KV':>6} {'overhead':>9} {'total':>7}  fits",
+    ]
+    for e in plan.entries:
+        fits = f"{e.fits} GB" if e.fits is not None else f"> {max(COMMON_MEMORY_GIB)} GB"
+        host = f"  (+{e.host_bytes / GB:.1f} GB in RAM)" if e.host_bytes else ""
+        lines.append(
+            f"{e.key:<29} {e.device:<6} {e.weights_bytes / GB:>8.1f} {e.kv_bytes / GB:>6.1f} "
+            f"{e.overhead_bytes / GB:>9.1f} {e.total_bytes / GB:>7.1f}  {fits}{host}"
+        )
+    lines += [
+        "",
+        "GGUF on CPU loads one gguf.llm row and one gguf.mmproj row together; the fits column is per file.",
+        'Sizes bought as "N GB" are counted as N GiB.',
+    ]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "AWQ_LLM", "AWQ_PLACEMENTS", "COMMON_MEMORY_GIB", "GGML_BLOCKS", "GPU_RUNTIME_OVERHEAD_BYTES", "GiB",
+    "LLM_GGUF_MIXES", "MMPROJ_GGUF_TYPES", "VISION_FORMATS", "GGUFMix", "LinearQuant", "MemoryPlan",
+    "ParamCounts", "PlanEntry", "awq_bytes", "awq_key", "best_placement", "count_params", "format_plan",
+    "ggml_nbytes", "gguf_llm_bytes", "gguf_mmproj_bytes", "kv_bytes_per_token", "llm_gguf_tensor_type",
+    "mmproj_gguf_tensor_type", "plan_memory", "smallest_fit", "use_more_bits",
+]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for r1v-edge: a virtualenv in .venv with the project and its test tools.
+# Idempotent: a second run only checks what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Pinned CPU torch first (tests and the AWQ path need it). Any newer or unpinned torch would pull a
+# multi-GB CUDA build; the package itself does not pin torch for its users.
+.venv/bin/pip install -q "torch==${R1V_TORCH_VERSION:-2.13.0}"
+# Builds from source (llama-cpp-python, when required) use both cores and pip's wheel cache.
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
+.venv/bin/pip install -q -e ".[dev]"
+echo "r1v-edge set up in .venv ($(.venv/bin/r1v --version))"

@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny R1V-layout checkpoints, built once per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from r1v.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_6b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """InternViT-6B flavour (rms_norm, qk norm, no qkv bias), bf16, sharded."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-6b", vit="6b", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_300m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """InternViT-300M flavour (layer_norm, qkv bias, no qk norm), bf16, sharded."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-300m", vit="300m", seed=1)
