@@ -132,7 +132,7 @@ LLM_GGUF_NAMES: dict[str, str] = {
 _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
 
 
-def _llm_gguf_name(hf_name: str) -> tuple[str, int | None]:
+def llm_gguf_name(hf_name: str) -> tuple[str, int | None]:
     """('blk.3.attn_v.weight', 3) for an LLM tensor of the checkpoint."""
     m = _LAYER.match(hf_name)
     if m:
@@ -327,7 +327,7 @@ def gguf_llm_bytes(cfg: R1VConfig, mix_name: str) -> dict[str, int]:
     for t in checkpoint_tensors(cfg):
         if t.component not in ("llm", "embeddings", "lm_head"):
             continue
-        gguf_name, layer = _llm_gguf_name(t.name)
+        gguf_name, layer = llm_gguf_name(t.name)
         ggml_type = llm_gguf_tensor_type(mix, gguf_name, t.shape, layer, n_layers, tied)
         by_type[ggml_type] = by_type.get(ggml_type, 0) + ggml_nbytes(ggml_type, t.shape)
     return by_type
@@ -495,6 +495,6 @@ __all__ = [
     "AWQ_LLM", "AWQ_PLACEMENTS", "COMMON_MEMORY_GIB", "GGML_BLOCKS", "GPU_RUNTIME_OVERHEAD_BYTES", "GiB",
     "LLM_GGUF_MIXES", "MMPROJ_GGUF_TYPES", "VISION_FORMATS", "GGUFMix", "LinearQuant", "MemoryPlan",
     "ParamCounts", "PlanEntry", "awq_bytes", "awq_key", "best_placement", "count_params", "format_plan",
-    "ggml_nbytes", "gguf_llm_bytes", "gguf_mmproj_bytes", "kv_bytes_per_token", "llm_gguf_tensor_type",
+    "ggml_nbytes", "gguf_llm_bytes", "gguf_mmproj_bytes", "kv_bytes_per_token", "llm_gguf_name", "llm_gguf_tensor_type",
     "mmproj_gguf_tensor_type", "plan_memory", "smallest_fit", "use_more_bits",
 ]

@@ -50,7 +50,8 @@ def test_plan_works_on_a_directory_with_only_config(tmp_path):
     result = r1v("plan", str(tmp_path), "--context", "8192", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert 18e9 <= data["gguf.llm.Q4_K_M"] <= 21e9
+    assert 18e9 <= data["gguf.llm.Q4_K_M"]["weights_bytes"] <= 21e9
+    assert 29e9 <= data["awq[vision=fp16,embed=gpu]"]["weights_bytes"] <= 33e9
     table = r1v("plan", str(tmp_path))
     assert table.returncode == 0 and "Q4_K_M" in table.stdout
 
