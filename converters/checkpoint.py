@@ -53,19 +53,34 @@ class Checkpoint:
 
     # --- tensor access -------------------------------------------------------------------------
     def raw(self, name: str) -> np.ndarray:
-        """The stored values as a read-only memory-mapped view (BF16 as uint16 bit patterns)."""
+        """The stored values as a read-only memory-mapped view (BF16 as uint16 bit patterns).
+
+        Zero-copy, but the pages it touches stay resident; streaming code should use `read`."""
         info = self._info(name)
+        return self._mapped(info).array(info)
+
+    def read(self, name: str, dtype: np.dtype | type | None = np.float32) -> np.ndarray:
+        """A private copy of the tensor converted to `dtype` (BF16 widened exactly to float32 first);
+        `dtype=None` keeps the stored type (BF16 as uint16 bits). The mapped pages are released
+        afterwards, so reading tensor after tensor keeps RSS at about one tensor."""
+        info = self._info(name)
+        mapped = self._mapped(info)
+        raw = mapped.array(info)
+        if dtype is None:
+            values = raw.copy()
+        elif info.dtype == "BF16":
+            values = bf16_to_f32(raw).astype(dtype, copy=False)
+        else:
+            values = raw.astype(dtype, copy=True)
+        del raw
+        mapped.release(info)
+        return values
+
+    def _mapped(self, info: TensorInfo) -> MappedFile:
         mapped = self._maps.get(info.file)
         if mapped is None:
             mapped = self._maps[info.file] = MappedFile(info.file)
-        return mapped.array(info)
-
-    def read(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """A copy of the tensor converted to `dtype` (BF16 widened exactly to float32 first)."""
-        info = self._info(name)
-        raw = self.raw(name)
-        values = bf16_to_f32(raw) if info.dtype == "BF16" else raw
-        return np.array(values, dtype=dtype, copy=True)
+        return mapped
 
     def iter_tensors(self, prefix: str = "") -> Iterator[TensorInfo]:
         """Tensor infos in file order (sequential reads), optionally only names under `prefix`."""

@@ -120,23 +120,28 @@ def _random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) 
     return rng.standard_normal(shape) / np.sqrt(fan_in)
 
 
-def _write_shards(out: Path, tensors: dict[str, np.ndarray], dtype: str, max_shard_bytes: int) -> None:
-    shards: list[dict[str, np.ndarray]] = [{}]
+def _write_shards(
+    out: Path, shapes: dict[str, tuple[int, ...]], rng: np.random.Generator, dtype: str, max_shard_bytes: int
+) -> None:
+    """Generate and write the weights shard by shard, so a multi-GB benchmark checkpoint needs only one
+    shard in memory. Tensors are drawn in name order, so the content depends only on the seed."""
+    itemsize = 4 if dtype == "F32" else 2
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, array in tensors.items():
-        nbytes = array.size * (4 if dtype == "F32" else 2)
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = array
+        shards[-1].append(name)
         size += nbytes
     weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards, 1):
+    for i, names in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(out / file, {n: (dtype, a) for n, a in shard.items()}, {"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-        total += sum(a.size * (4 if dtype == "F32" else 2) for a in shard.values())
+        tensors = {n: (dtype, _random_tensor(rng, n, shapes[n]).astype(np.float32)) for n in names}
+        write_safetensors(out / file, tensors, {"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(int(np.prod(shape)) * itemsize for shape in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
@@ -175,11 +180,7 @@ def make_tiny_checkpoint(
         config = tiny_config(spec, vit, vocab_size, special)
         cfg = parse_config(config, str(tmp / "config.json"))
         rng = np.random.default_rng(seed)
-        tensors = {
-            name: _random_tensor(rng, name, shape).astype(np.float32)
-            for name, shape in cfg.family.expected_shapes(cfg).items()
-        }
-        _write_shards(tmp, tensors, DTYPES[dtype], spec.max_shard_bytes)
+        _write_shards(tmp, cfg.family.expected_shapes(cfg), rng, DTYPES[dtype], spec.max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_tokenizer_config(tmp, tokenizer)
