@@ -69,11 +69,15 @@ class R1VModel(nn.Module):
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(
-        cls, source: str | Path | Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        path_or_checkpoint: str | Path | Checkpoint,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> R1VModel:
         """Build the model and load every tensor of the checkpoint (a path or an opened Checkpoint,
         which the caller keeps owning). Any tensor the model does not use, or lacks, is an error."""
-        ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+        given = isinstance(path_or_checkpoint, Checkpoint)
+        ckpt = path_or_checkpoint if given else open_checkpoint(path_or_checkpoint)
         try:
             special = ckpt.special_tokens()
             if IMG_CONTEXT not in special:
@@ -83,7 +87,7 @@ class R1VModel(nn.Module):
                 model = cls(ckpt.config, special[IMG_CONTEXT], ckpt.eos_token_ids)
             load_weights(model, ckpt, dtype=dtype, device=device)
         finally:
-            if ckpt is not source:
+            if not given:
                 ckpt.close()
         return model.eval()
 
@@ -100,6 +104,7 @@ class R1VModel(nn.Module):
     ) -> torch.Tensor:
         """Token embeddings with the <IMG_CONTEXT> positions replaced by the image embeddings, tiles in
         order (row-major over batch and position, as InternVL-chat does)."""
+        input_ids = input_ids.to(self.device)
         embeds = self.language_model.model.embed_tokens(input_ids)
         mask = input_ids == self.image_token_id
         n_ctx = int(mask.sum())
