@@ -64,16 +64,28 @@ class Checkpoint:
         `dtype=None` keeps the stored type (BF16 as uint16 bits). The mapped pages are released
         afterwards, so reading tensor after tensor keeps RSS at about one tensor."""
         info = self._info(name)
+        return self._copy_rows(info, 0, info.shape[0] if info.shape else 1, dtype)
+
+    def read_rows(self, name: str, start: int, stop: int, dtype: np.dtype | type | None = np.float32) -> np.ndarray:
+        """Rows [start, stop) of the tensor (along its first axis) as a private copy, like `read`; lets a
+        writer stream a 1.5 GB embedding table in small blocks."""
+        return self._copy_rows(self._info(name), start, stop, dtype)
+
+    def _copy_rows(self, info: TensorInfo, start: int, stop: int, dtype: np.dtype | type | None) -> np.ndarray:
         mapped = self._mapped(info)
-        raw = mapped.array(info)
+        view = mapped.array(info)
+        if info.shape:
+            stop = min(stop, info.shape[0])
+            view = view[start:stop]
         if dtype is None:
-            values = raw.copy()
+            values = view.copy()
         elif info.dtype == "BF16":
-            values = bf16_to_f32(raw).astype(dtype, copy=False)
+            values = bf16_to_f32(view).astype(dtype, copy=False)
         else:
-            values = raw.astype(dtype, copy=True)
-        del raw
-        mapped.release(info)
+            values = view.astype(dtype, copy=True)
+        del view
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        mapped.release(info.start + start * row_bytes, info.start + stop * row_bytes)
         return values
 
     def _mapped(self, info: TensorInfo) -> MappedFile:

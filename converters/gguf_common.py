@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import gguf
+from gguf.gguf_writer import WriterState
 import numpy as np
 from tqdm import tqdm
 
@@ -35,21 +36,43 @@ class ConversionError(CheckpointError):
     """A checkpoint cannot be converted as asked (unsupported model, bad output location, ...)."""
 
 
+CHUNK_BYTES = 64 << 20  # float32 bytes encoded at a time when a tensor can be read in row blocks
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """One tensor of an output file: GGUF name, numpy-order shape, storage type, and how to make it.
 
-    `produce` returns float32 values (or, for BF16 sources written as BF16, uint16 bit patterns).
+    Give `rows(start, stop)` (rows along the first axis) where the tensor can be read in blocks: big
+    tensors are then streamed in CHUNK_BYTES pieces, so peak memory is a block, not a 1.5 GB embedding
+    table. Otherwise `produce()` makes the whole tensor. Both return float32 values (or, for BF16 sources
+    written as BF16, uint16 bit patterns).
     """
 
     name: str
     shape: tuple[int, ...]
     qtype: QType
-    produce: Callable[[], np.ndarray]
+    produce: Callable[[], np.ndarray] | None = None
+    rows: Callable[[int, int], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.produce is None) == (self.rows is None):
+            raise ValueError(f"tensor {self.name!r}: give exactly one of produce or rows")
 
     @property
     def nbytes(self) -> int:
         return nbytes_of(self.shape, self.qtype)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The tensor's values in row blocks (one block when it has no `rows` reader)."""
+        if self.rows is None:
+            yield self.produce()  # type: ignore[misc]
+            return
+        n_rows = self.shape[0]
+        row_bytes = 4 * int(np.prod(self.shape[1:], dtype=np.int64))
+        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+        for start in range(0, n_rows, step):
+            yield self.rows(start, min(start + step, n_rows))
 
 
 def nbytes_of(shape: tuple[int, ...], qtype: QType) -> int:
@@ -60,7 +83,8 @@ def nbytes_of(shape: tuple[int, ...], qtype: QType) -> int:
 
 def storage_type(requested: QType, shape: tuple[int, ...]) -> QType:
     """The type a tensor is actually stored in: 1-D tensors (norms, biases) stay F32 as llama.cpp expects,
-    and block types fall back to F16 when the row length is not a multiple of the block."""
+    and block types fall back to F16 when the row length is not a multiple of the block. Shape alone
+    decides: a caller whose N-D non-weight tensors (class/position embeddings) must stay F32 says so itself."""
     if len(shape) < 2:
         return QType.F32
     block, _ = gguf.GGML_QUANT_SIZES[requested]
@@ -87,12 +111,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final = Path(final)
     if not final.parent.is_dir():
         raise ConversionError(f"{final.parent}: output directory does not exist")
-    if not os.access(final.parent, os.W_OK):
-        raise ConversionError(f"{final.parent}: output directory is not writable")
     tmp = final.with_name(f".{final.name}.partial")
     try:
+        try:
+            tmp.touch()  # fails early, before any work, where the directory is not writable
+        except OSError as e:
+            raise ConversionError(f"{final.parent}: output directory is not writable ({e.strerror})") from None
         yield tmp
         os.replace(tmp, final)
+    except OSError as e:  # disk full, read-only file system...: name the file, keep the cause
+        raise ConversionError(f"{final}: writing failed ({e.strerror or e})") from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -100,10 +128,34 @@ def atomic_path(final: Path) -> Iterator[Path]:
 KVWriter = Callable[[gguf.GGUFWriter], None]
 
 
+class _StreamingWriter(gguf.GGUFWriter):
+    """GGUFWriter that can write one tensor's data as a sequence of blocks (same bytes as
+    write_tensor_data on the whole array, which would need the whole tensor in memory)."""
+
+    def write_tensor_blocks(self, blocks: Iterator[np.ndarray], expected_nbytes: int, name: str) -> None:
+        if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS) or len(self.fout or []) != 1:
+            raise ValueError(f"Expected one open output file with tensor info written, got {self.state}")
+        fout = self.fout[0]
+        info_name = next(iter(self.tensors[0]))
+        info = self.tensors[0].pop(info_name)
+        if info_name != name or info.nbytes != expected_nbytes:
+            raise ValueError(f"tensor data out of order: expected {info_name!r}, got {name!r}")
+        self.write_padding(fout, fout.tell())
+        written = 0
+        for block in blocks:
+            block.tofile(fout)
+            written += block.nbytes
+        if written != info.nbytes:
+            raise ConversionError(f"{self.path}: tensor {name!r} encoded to {written} bytes, planned {info.nbytes}")
+        self.write_padding(fout, info.nbytes)
+        self.state = WriterState.WEIGHTS
+
+
 def write_gguf(path: Path, arch: str, add_kv: KVWriter, tensors: list[PlannedTensor], progress: bool = True) -> Path:
     """Write a GGUF file tensor by tensor: header, key-values (from `add_kv`), tensor infos, data."""
+    path = Path(path)
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
+        writer = _StreamingWriter(tmp, arch)
         try:
             add_kv(writer)
             for t in tensors:
@@ -114,11 +166,7 @@ def write_gguf(path: Path, arch: str, add_kv: KVWriter, tensors: list[PlannedTen
             bar = tqdm(tensors, desc=Path(path).name, unit="tensor", disable=None if progress else True)
             for t in bar:
                 bar.set_postfix_str(t.name, refresh=False)
-                data = encode(t.produce(), t.qtype)
-                if data.nbytes != t.nbytes:
-                    raise ConversionError(f"{path.name}: tensor {t.name!r} encoded to {data.nbytes} bytes, "
-                                          f"planned {t.nbytes}")
-                writer.write_tensor_data(data)
+                writer.write_tensor_blocks((encode(block, t.qtype) for block in t.blocks()), t.nbytes, t.name)
         finally:
             writer.close()
     return path

@@ -147,16 +147,14 @@ class MappedFile:
         flat = np.frombuffer(self._map, dtype=np_dtype, count=info.numel, offset=info.start)
         return flat.reshape(info.shape)
 
-    def release(self, info: TensorInfo) -> None:
-        """Drop the tensor's pages from this process's resident set (they stay in the page cache).
-
-        Touched pages of a file mapping count as RSS until unmapped; without this, streaming through a
-        76 GB checkpoint would grow RSS with every tensor read.
-        """
-        if self._map is None or info.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+    def release(self, start: int, end: int) -> None:
+        """Drop the pages of file bytes [start, end) from this process's resident set (they stay in the
+        page cache). Touched pages of a file mapping count as RSS until unmapped; without this, streaming
+        through a 76 GB checkpoint would grow RSS with every tensor read."""
+        if self._map is None or end <= start or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = info.start - info.start % mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        start -= start % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         if self._map is not None:

@@ -1,0 +1,125 @@
+"""`convert_gguf`: a checkpoint to the GGUF files llama.cpp needs — the LLM at one or more quant types
+and the vision projector (mmproj).
+
+F32/F16/BF16/Q8_0 are written directly; k-quants and Q4_0 go through llama.cpp's own quantizer from one
+F16/BF16 intermediate, shared by every such type asked for in the run. Each file appears only when
+complete; if the run fails, files it already finished are removed too, so OUTDIR is as it was.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .gguf_common import DIRECT_TYPES, ConversionError
+
+LLM_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+MMPROJ_QUANTS = ("f32", "f16", "q8_0")
+
+
+@dataclass
+class GGUFConversion:
+    """What a conversion produced: the LLM file per quant type, the mmproj file, and timings."""
+
+    llm: dict[str, Path] = field(default_factory=dict)
+    mmproj: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        return [*self.llm.values(), *([self.mmproj] if self.mmproj else [])]
+
+
+def llm_file_name(name: str, quant: str) -> str:
+    return f"{name}-{quant}.gguf"
+
+
+def mmproj_file_name(name: str, quant: str) -> str:
+    return f"mmproj-{name}-{quant}.gguf"
+
+
+def convert_gguf(
+    checkpoint: str | Path | Checkpoint,
+    outdir: str | Path,
+    quant: Sequence[str] = ("q4_k_m",),
+    mmproj_quant: str | None = "f16",
+    *,
+    name: str | None = None,
+    pre_tokenizer: str | None = None,
+    chat_template: str | None = None,
+    imatrix: str | Path | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> GGUFConversion:
+    """Convert `checkpoint` into `outdir`: `<name>-<quant>.gguf` per quant and `mmproj-<name>-<q>.gguf`.
+
+    `mmproj_quant=None` skips the projector. `name` defaults to the checkpoint directory's name.
+    """
+    from .gguf_llm import write_llm_gguf
+    from .gguf_mmproj import check_mmproj_supported, write_mmproj_gguf
+    from .gguf_quantize import quantize_gguf
+
+    quants = list(dict.fromkeys(q.lower() for q in quant))
+    for q in quants:
+        if q not in LLM_QUANTS:
+            raise ConversionError(f"unknown --quant {q!r}; choose from {', '.join(LLM_QUANTS)}")
+    if mmproj_quant is not None and mmproj_quant.lower() not in MMPROJ_QUANTS:
+        raise ConversionError(f"unknown --mmproj-quant {mmproj_quant!r}; choose from {', '.join(MMPROJ_QUANTS)}")
+    if not quants and mmproj_quant is None:
+        raise ConversionError("nothing to do: no --quant and no mmproj")
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    out = Path(outdir)
+    name = name or ckpt.path.name
+    result = GGUFConversion()
+    try:
+        if mmproj_quant is not None:
+            check_mmproj_supported(ckpt.config, str(ckpt.path / "config.json"))  # refuse before any work
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConversionError(f"{out}: cannot create output directory ({e.strerror})") from None
+
+        def timed(key: str, start: float) -> None:
+            result.seconds[key] = round(time.perf_counter() - start, 3)
+
+        direct = [q for q in quants if q in DIRECT_TYPES]
+        via_llama = [q for q in quants if q not in DIRECT_TYPES]
+        # llama.cpp's quantizer reads one 16-bit intermediate: a requested F16/BF16 output if there is one,
+        # else a temporary file, BF16 when the source is BF16 (exact) and F16 otherwise.
+        intermediate = next((q for q in ("bf16", "f16") if q in direct), None)
+        temporary = None
+        if via_llama and intermediate is None:
+            source_bf16 = any(t.dtype == "BF16" for t in ckpt.iter_tensors("language_model."))
+            intermediate = temporary = "bf16" if source_bf16 else "f16"
+            direct.append(temporary)
+
+        for q in direct:
+            start = time.perf_counter()
+            target = out / (f".{name}-{q}.intermediate.gguf" if q == temporary else llm_file_name(name, q))
+            result.llm[q] = write_llm_gguf(ckpt, target, q, pre_tokenizer=pre_tokenizer,
+                                           chat_template=chat_template, progress=progress)
+            timed(f"llm.{q}", start)
+        for q in via_llama:
+            start = time.perf_counter()
+            result.llm[q] = quantize_gguf(result.llm[intermediate], out / llm_file_name(name, q), q,
+                                          imatrix=Path(imatrix) if imatrix else None, threads=threads)
+            timed(f"llm.{q}", start)
+        if temporary:
+            result.llm.pop(temporary).unlink()
+
+        if mmproj_quant is not None:
+            start = time.perf_counter()
+            q = mmproj_quant.lower()
+            result.mmproj = write_mmproj_gguf(ckpt, out / mmproj_file_name(name, q), q, progress=progress)
+            timed(f"mmproj.{q}", start)
+    except BaseException:
+        for path in result.files:  # nothing half-done stays behind: remove this run's finished files too
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        if ckpt is not checkpoint:
+            ckpt.close()
+    return result

@@ -1,0 +1,37 @@
+"""`r1v bench convert|...`: measurements against a baseline taken in the same run."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def default_llama_cpp_dir() -> Path | None:
+    if os.environ.get("R1V_LLAMA_CPP_DIR"):
+        return Path(os.environ["R1V_LLAMA_CPP_DIR"])
+    fetched = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r1v" / "llama.cpp-src"
+    return fetched if (fetched / "convert_hf_to_gguf.py").is_file() else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    jobs = parser.add_subparsers(dest="job", metavar="JOB", required=True)
+    convert = jobs.add_parser("convert", help="GGUF conversion: ours vs llama.cpp's convert_hf_to_gguf.py",
+                              description="Wall time and peak RSS of GGUF conversion, ours next to llama.cpp's "
+                                          "converter, on a generated checkpoint of a few GB.")
+    convert.add_argument("--layers", type=int, default=12, help="decoder layers of the base checkpoint")
+    convert.add_argument("--scale", type=int, default=4, help="layer multiple for the memory-scaling run")
+    convert.add_argument("--llama-cpp-dir", type=Path, default=default_llama_cpp_dir(),
+                         help="llama.cpp source tree (scripts/fetch-llama-cpp-src.sh unpacks the one vendored in "
+                              "llama-cpp-python's sdist); default $R1V_LLAMA_CPP_DIR or that script's output; "
+                              "without it only ours is measured")
+    convert.add_argument("--workdir", type=Path, default=None, help="keep generated files here")
+    convert.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def run(args: argparse.Namespace) -> int:
+    from r1v.bench.convert import bench_convert, format_results
+
+    results = bench_convert(args.layers, args.scale, args.llama_cpp_dir, args.workdir)
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
+    return 0
