@@ -435,6 +435,21 @@ class MtmdContext:
         values = np.ctypeslib.as_array(out, shape=(chunk.n_tokens * self.n_embd,))
         return values.reshape(chunk.n_tokens, self.n_embd).copy()
 
+    def eval_image_chunk(self, prompt: TokenizedPrompt, index: int, llama_ctx: Any, n_past: int, *,
+                         seq_id: int = 0, n_batch: int = 512, logits_last: bool = False) -> int:
+        """Encode image chunk `index` and decode its embeddings into `llama_ctx` (a llama_context pointer)
+        at position `n_past`; returns the position after it."""
+        ctx = self._live()
+        if prompt.chunks[index].kind != "image":
+            raise MtmdError(f"chunk {index} is a {prompt.chunks[index].kind} chunk, not an image")
+        new_n_past = _ll.llama_pos(0)
+        rc = _mt.mtmd_helper_eval_chunk_single(ctx, llama_ctx, prompt.native_chunk(index), _ll.llama_pos(n_past),
+                                               _ll.llama_seq_id(seq_id), n_batch, logits_last,
+                                               ctypes.byref(new_n_past))
+        if rc != 0:
+            raise MtmdError(f"mtmd_helper_eval_chunk_single failed ({rc}) on chunk {index}")
+        return int(new_n_past.value)
+
     def embed_image(self, image: ImageLike) -> ImageEmbedding:
         """Tile one image as libmtmd does and return its projector output per tile."""
         with self.tokenize(self.marker, [image]) as tokenized:

@@ -300,3 +300,42 @@ def test_failure_mid_write_leaves_no_file(ckpt_path: Path, tmp_path: Path, monke
             write_mmproj_gguf(ckpt, tmp_path / "mmproj.gguf", "q4_k_m", progress=False)
     assert len(calls) == 6
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the whole model: image + question through llama.cpp vs the torch reference ---------------------------
+
+def test_image_question_greedy_tokens_match_torch_reference(files: dict[str, Path], ckpt_path: Path,
+                                                            reference: R1VModel):
+    """A 448×448 image (one tile, no resize, so both sides tile alike) and a question in the chat template:
+    libmtmd tokenizes and encodes, llama.cpp decodes greedily; the torch reference runs the same prompt."""
+    import llama_cpp
+    from tokenizers import Tokenizer
+
+    image = _image(448, 448, seed=5)
+    prefix, suffix = "<|im_start|>user\n", "\nHow many shapes?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    steps = 24
+    llama = llama_cpp.Llama(str(files["llm"]), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    with MtmdContext(files["f16"], llama, n_threads=2) as ctx, \
+            ctx.tokenize(prefix + ctx.marker + suffix, [image]) as prompt:
+        llama.reset()
+        for chunk in prompt.chunks:
+            if chunk.kind == "text":
+                llama.eval(list(chunk.tokens))
+            else:
+                llama.n_tokens = ctx.eval_image_chunk(prompt, chunk.index, llama.ctx, llama.n_tokens)
+        assert prompt.chunks[-1].kind == "text"  # so the last eval left the logits of the last position
+        ours: list[int] = []
+        for _ in range(steps):
+            ours.append(int(np.argmax(llama.scores[llama.n_tokens - 1])))
+            llama.eval([ours[-1]])
+        llama_prompt = [t for c in prompt.chunks if c.kind == "text" for t in c.tokens]
+    llama.close()
+
+    with open_checkpoint(ckpt_path) as ckpt:
+        tokenizer = Tokenizer.from_file(str(ckpt.tokenizer.tokenizer_json))
+    image_tokens = "<img>" + "<IMG_CONTEXT>" * reference.config.tokens_per_tile + "</img>"
+    ids = tokenizer.encode(prefix + image_tokens + suffix, add_special_tokens=False).ids
+    assert [t for t in ids if t != reference.image_token_id] == llama_prompt  # the same text tokens around it
+    pixel_values = torch.from_numpy(prepare_image(Image.fromarray(image)).pixel_values)
+    theirs = reference.greedy(ids, pixel_values, max_new_tokens=steps, stop_ids=()).tolist()
+    assert ours == theirs
