@@ -12,4 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Builds from source (llama-cpp-python, when required) use both cores and pip's wheel cache.
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 .venv/bin/pip install -q -e ".[dev]"
+# AutoAWQ is the tests' independent check of our AWQ packing; it is deprecated and pins old transformers, so
+# it comes without dependencies (only its packing_utils.py is loaded, which needs torch alone).
+.venv/bin/pip install -q --no-deps "autoawq==0.2.9"
 echo "r1v-edge set up in .venv ($(.venv/bin/r1v --version))"

@@ -21,7 +21,7 @@ from typing import Any
 BENCH_SIZES: dict[str, int] = {
     "llm_hidden": 2048, "llm_intermediate": 5632, "llm_heads": 16, "llm_kv_heads": 4,
     "vit_hidden": 256, "vit_intermediate": 1024, "vit_heads": 4, "vit_layers": 4,  # stock needs ≥ 4 ViT layers
-    "max_shard_bytes": 1 << 30,
+    "max_shard_bytes": 256 << 20,
 }
 
 # Runs llama.cpp's converter with the one lookup it cannot do on a generated tokenizer patched: its
@@ -49,17 +49,31 @@ class Measurement:
     output_mb: float
 
 
+# Linux carries a parent's peak RSS into a forked child's ru_maxrss (it survives exec), so the measured
+# command is forked from this small launcher rather than from the benchmark process itself.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run `cmd`, return (wall seconds, peak RSS in MB) of that child alone."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{stderr[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
+    """Run `cmd`, return (wall seconds, peak RSS in MB) of that command alone."""
+    with tempfile.NamedTemporaryFile("r", suffix=".maxrss") as report:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, report.name, *cmd], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            stderr = proc.stderr.decode(errors="replace")
+            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{stderr[-2000:]}")
+        return seconds, int(report.read()) / 1024  # Linux reports KiB
 
 
 def _size_gb(path: Path) -> float:
