@@ -7,15 +7,14 @@ Every conversion runs in its own child process; its peak RSS is the kernel's ru_
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .measure import run_measured
 
 # A Qwen2/InternViT shape that gives ~1.2 GB of bf16 weights at 12 layers (48 layers: ~4.5 GB).
 BENCH_SIZES: dict[str, int] = {
@@ -47,33 +46,6 @@ class Measurement:
     seconds: float
     peak_rss_mb: float
     output_mb: float
-
-
-# Linux carries a parent's peak RSS into a forked child's ru_maxrss (it survives exec), so the measured
-# command is forked from this small launcher rather than from the benchmark process itself.
-_LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run `cmd`, return (wall seconds, peak RSS in MB) of that command alone."""
-    with tempfile.NamedTemporaryFile("r", suffix=".maxrss") as report:
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, report.name, *cmd], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            stderr = proc.stderr.decode(errors="replace")
-            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{stderr[-2000:]}")
-        return seconds, int(report.read()) / 1024  # Linux reports KiB
 
 
 def _size_gb(path: Path) -> float:
