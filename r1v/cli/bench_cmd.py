@@ -28,10 +28,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--workdir", type=Path, default=None, help="keep generated files here")
     convert.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    generate = jobs.add_parser("generate", help="our runtime vs llama-cpp-python directly, same GGUF files",
+                               description="Prefill/decode tokens/s, time to first token and peak RSS of our "
+                                           "runtime next to llama-cpp-python used directly, alternating rounds; "
+                                           "decode as a fraction of the memory bandwidth bound.")
+    generate.add_argument("model", help="GGUF file, directory or model name")
+    generate.add_argument("--mmproj", default=None, help="projector file when not beside the model")
+    generate.add_argument("--image", default=None, help="image for the image-prompt figures (448x448 is one tile)")
+    generate.add_argument("--quant", default=None, help="GGUF quant when the source holds several")
+    generate.add_argument("--prompt-repeats", type=int, default=12, help="length of the text prompt, in paragraphs")
+    generate.add_argument("--max-tokens", type=int, default=64, help="tokens decoded per round")
+    generate.add_argument("--n-ctx", type=int, default=4096)
+    generate.add_argument("--n-threads", type=int, default=None)
+    generate.add_argument("--n-batch", type=int, default=512)
+    generate.add_argument("--rounds", type=int, default=3, help="alternating rounds per side (medians reported)")
+    generate.add_argument("--json", action="store_true", help="print JSON for scripts")
+
 
 def run(args: argparse.Namespace) -> int:
-    from r1v.bench.convert import bench_convert, format_results
+    if args.job == "convert":
+        from r1v.bench.convert import bench_convert, format_results
 
-    results = bench_convert(args.layers, args.scale, args.llama_cpp_dir, args.workdir)
+        results = bench_convert(args.layers, args.scale, args.llama_cpp_dir, args.workdir)
+    else:
+        from r1v.bench.generate import bench_generate, format_results
+
+        results = bench_generate(args.model, mmproj=args.mmproj, image=args.image, quant=args.quant,
+                                 prompt_repeats=args.prompt_repeats, max_tokens=args.max_tokens, n_ctx=args.n_ctx,
+                                 n_threads=args.n_threads, n_batch=args.n_batch, rounds=args.rounds)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0

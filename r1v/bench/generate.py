@@ -1,0 +1,254 @@
+"""`r1v bench generate MODEL`: our runtime next to llama-cpp-python used directly on the same GGUF files with
+the same settings, in the same run: prefill tokens/s, decode tokens/s, time to first token (text, and an
+image prompt when an mmproj is there), peak RSS; decode speed as a fraction of this machine's memory
+bandwidth bound (bandwidth / bytes of weights read per token).
+
+Each side runs in its own child process (clean peak RSS); the sides alternate `rounds` times and the
+median of each figure is reported, so load on the machine affects both alike.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .measure import memory_bandwidth_gbps, run_measured
+
+# A long, plain instruction so neither side stops early; both decode exactly the same number of tokens.
+PROMPT_PARAGRAPH = (
+    "Describe, step by step and in great detail, how a bicycle works: the frame, the wheels, the chain, "
+    "the gears, the brakes and the forces that keep a rider upright. "
+)
+IMAGE_QUESTION = "Describe this image in detail."
+
+
+@dataclass
+class BenchSpec:
+    model: str
+    mmproj: str | None
+    prompt_repeats: int
+    max_tokens: int
+    n_ctx: int
+    n_threads: int | None
+    n_batch: int
+    image: str | None
+
+
+@dataclass
+class SideFigures:
+    prompt_tokens: int = 0
+    prefill_tokens_per_second: float = 0.0
+    time_to_first_token: float = 0.0
+    decode_tokens_per_second: float = 0.0
+    completion_tokens: int = 0
+    image_prompt_tokens: int = 0
+    image_time_to_first_token: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+# --- the two workers, each run in a child process ---------------------------------------------------------
+
+def _ours(spec: BenchSpec) -> dict[str, Any]:
+    from r1v.runtime.api import LoadOptions, load
+
+    options = LoadOptions(mmproj=spec.mmproj, n_ctx=spec.n_ctx, n_threads=spec.n_threads, n_batch=spec.n_batch)
+    out: dict[str, Any] = {}
+    with load(spec.model, options) as model:
+        prompt = PROMPT_PARAGRAPH * spec.prompt_repeats
+        result = model.generate(prompt, temperature=0, repetition_penalty=1.0, max_tokens=spec.max_tokens, seed=0)
+        out["text"] = dict(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                           time_to_first_token=result.time_to_first_token,
+                           decode_seconds=result.decode_seconds, prompt=result.prompt)
+        if spec.image and model.has_vision:
+            model.reset()
+            image_result = model.generate(IMAGE_QUESTION, images=[spec.image], temperature=0,
+                                          repetition_penalty=1.0, max_tokens=1, seed=0)
+            out["image"] = dict(prompt_tokens=image_result.prompt_tokens,
+                                time_to_first_token=image_result.time_to_first_token,
+                                prompt=image_result.prompt)
+    return out
+
+
+def _direct(spec: BenchSpec, prompt: str, n_tokens: int, image_prompt: str | None) -> dict[str, Any]:
+    """llama-cpp-python as a user would call it: `Llama.generate` for text; its libmtmd bindings
+    (through runtime.mtmd, the same calls its multimodal chat handler makes) for the image prompt."""
+    import llama_cpp
+    import numpy as np
+
+    llama = llama_cpp.Llama(spec.model, n_ctx=spec.n_ctx, n_batch=spec.n_batch, verbose=False,
+                            **({"n_threads": spec.n_threads} if spec.n_threads else {}))
+    out: dict[str, Any] = {}
+    prompt_ids = llama.tokenize(prompt.encode(), add_bos=True, special=True)  # as the model asks (BOS or not)
+    start = time.perf_counter()
+    first = last = start
+    generated = 0
+    for _ in llama.generate(prompt_ids, temp=0.0, repeat_penalty=1.0, reset=True):
+        generated += 1
+        last = time.perf_counter()
+        if generated == 1:
+            first = last
+        if generated == n_tokens:
+            break
+    out["text"] = dict(prompt_tokens=len(prompt_ids), completion_tokens=generated,
+                       time_to_first_token=first - start, decode_seconds=last - first)
+    if image_prompt is not None and spec.mmproj and spec.image:
+        from PIL import Image
+
+        from r1v.runtime.mtmd import MtmdContext
+
+        with MtmdContext(spec.mmproj, llama, n_threads=spec.n_threads) as ctx:
+            pixels = np.asarray(Image.open(spec.image).convert("RGB"))
+            text = image_prompt.replace("<image>", ctx.marker)
+            llama.reset()
+            start = time.perf_counter()
+            with ctx.tokenize(text, [pixels]) as prompt:
+                for chunk in prompt.chunks:
+                    if chunk.kind == "text":
+                        llama.eval(list(chunk.tokens))
+                    else:
+                        llama.n_tokens = ctx.eval_image_chunk(prompt, chunk.index, llama.ctx, llama.n_tokens,
+                                                              n_batch=spec.n_batch)
+                logits = llama_cpp.llama_get_logits_ith(llama.ctx, -1)
+                int(np.argmax(np.ctypeslib.as_array(logits, shape=(llama.n_vocab(),))))
+                out["image"] = dict(prompt_tokens=prompt.n_pos, time_to_first_token=time.perf_counter() - start)
+    llama.close()
+    return out
+
+
+def _worker_main(argv: list[str]) -> None:
+    side, spec_file, out_file = argv
+    job = json.loads(Path(spec_file).read_text())
+    spec = BenchSpec(**job["spec"])
+    result = _ours(spec) if side == "ours" else _direct(spec, job["prompt"], job["n_tokens"], job["image_prompt"])
+    Path(out_file).write_text(json.dumps(result))
+
+
+# --- the parent: alternate the sides, take medians, compare ----------------------------------------------
+
+def _run_side(side: str, job: dict[str, Any], workdir: Path) -> tuple[dict[str, Any], float]:
+    spec_file, out_file = workdir / f"{side}-job.json", workdir / f"{side}-out.json"
+    spec_file.write_text(json.dumps(job))
+    _, rss = run_measured([sys.executable, "-m", "r1v.bench.generate", side, str(spec_file), str(out_file)])
+    return json.loads(out_file.read_text()), rss
+
+
+def _figures(runs: list[tuple[dict[str, Any], float]]) -> SideFigures:
+    def median(key: str, part: str = "text") -> float:
+        return statistics.median(r[part][key] for r, _ in runs)
+
+    text = runs[0][0]["text"]
+    fig = SideFigures(
+        prompt_tokens=text["prompt_tokens"],
+        completion_tokens=text["completion_tokens"],
+        time_to_first_token=round(median("time_to_first_token"), 4),
+        peak_rss_mb=round(statistics.median(rss for _, rss in runs), 1),
+    )
+    fig.prefill_tokens_per_second = round(fig.prompt_tokens / fig.time_to_first_token, 1)
+    decode = statistics.median(r["text"]["decode_seconds"] for r, _ in runs)
+    fig.decode_tokens_per_second = round((fig.completion_tokens - 1) / decode, 2) if decode > 0 else 0.0
+    if "image" in runs[0][0]:
+        fig.image_prompt_tokens = runs[0][0]["image"]["prompt_tokens"]
+        fig.image_time_to_first_token = round(median("time_to_first_token", "image"), 4)
+    return fig
+
+
+def weight_bytes_per_token(gguf_path: str | Path) -> int:
+    """Bytes of weights one decode step reads: every tensor, except the embedding table when a separate
+    output matrix exists (a token reads one row of it)."""
+    import gguf
+
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(gguf_path).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
+def bench_generate(model: str, *, mmproj: str | None = None, image: str | None = None, quant: str | None = None,
+                   prompt_repeats: int = 12, max_tokens: int = 64, n_ctx: int = 4096, n_threads: int | None = None,
+                   n_batch: int = 512, rounds: int = 3) -> dict[str, Any]:
+    """Measure both sides `rounds` times, alternating; return figures, ratios and the bandwidth bound."""
+    from r1v.runtime.resolve import resolve_model
+
+    resolved = resolve_model(model, quant=quant, mmproj=mmproj)
+    if resolved.format != "gguf":
+        raise ValueError(f"{model}: bench generate compares against llama-cpp-python, so it needs a GGUF model "
+                         f"(got {resolved.format})")
+    mmproj_path = str(resolved.mmproj) if resolved.mmproj else None
+    spec = BenchSpec(str(resolved.path), mmproj_path, prompt_repeats, max_tokens, n_ctx, n_threads, n_batch,
+                     image if mmproj_path else None)
+    ours_runs: list[tuple[dict[str, Any], float]] = []
+    direct_runs: list[tuple[dict[str, Any], float]] = []
+    with tempfile.TemporaryDirectory(prefix="r1v-bench-generate-") as tmp:
+        workdir = Path(tmp)
+        for _ in range(rounds):
+            ours_runs.append(_run_side("ours", {"spec": asdict(spec)}, workdir))
+            first = ours_runs[0][0]
+            job = {"spec": asdict(spec), "prompt": first["text"]["prompt"],
+                   "n_tokens": first["text"]["completion_tokens"],
+                   "image_prompt": first.get("image", {}).get("prompt")}
+            direct_runs.append(_run_side("direct", job, workdir))
+    ours, direct = _figures(ours_runs), _figures(direct_runs)
+    if ours.prompt_tokens != direct.prompt_tokens:
+        raise RuntimeError(f"the sides saw different prompts ({ours.prompt_tokens} vs {direct.prompt_tokens} tokens)")
+    bandwidth = memory_bandwidth_gbps(threads=n_threads)
+    per_token = weight_bytes_per_token(spec.model)
+    bound = bandwidth * 1e9 / per_token
+
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3) if b else 0.0
+
+    ratios = {
+        "decode_ratio": ratio(ours.decode_tokens_per_second, direct.decode_tokens_per_second),
+        "prefill_ratio": ratio(ours.prefill_tokens_per_second, direct.prefill_tokens_per_second),
+        "time_to_first_token_ratio": ratio(ours.time_to_first_token, direct.time_to_first_token),
+        "peak_rss_ratio": ratio(ours.peak_rss_mb, direct.peak_rss_mb),
+    }
+    if ours.image_time_to_first_token and direct.image_time_to_first_token:
+        ratios["image_time_to_first_token_ratio"] = ratio(ours.image_time_to_first_token,
+                                                          direct.image_time_to_first_token)
+    return {
+        "model": spec.model, "mmproj": spec.mmproj, "rounds": rounds, "n_threads": n_threads,
+        "ours": asdict(ours), "llama_cpp_python": asdict(direct), "ratios": ratios,
+        "bandwidth": {
+            "memory_bandwidth_gbps": round(bandwidth, 2), "weight_bytes_per_token": per_token,
+            "decode_bound_tokens_per_second": round(bound, 1),
+            "ours_decode_fraction_of_bound": ratio(ours.decode_tokens_per_second, bound),
+            "llama_cpp_python_decode_fraction_of_bound": ratio(direct.decode_tokens_per_second, bound),
+        },
+    }
+
+
+def format_results(results: dict[str, Any]) -> str:
+    ours, direct = results["ours"], results["llama_cpp_python"]
+    rows = [
+        ("prompt tokens", "prompt_tokens", "{:.0f}"),
+        ("prefill tok/s (to first token)", "prefill_tokens_per_second", "{:.1f}"),
+        ("time to first token s", "time_to_first_token", "{:.3f}"),
+        ("decode tok/s", "decode_tokens_per_second", "{:.2f}"),
+        ("decoded tokens", "completion_tokens", "{:.0f}"),
+        ("image prompt tokens", "image_prompt_tokens", "{:.0f}"),
+        ("image time to first token s", "image_time_to_first_token", "{:.3f}"),
+        ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+    ]
+    lines = [f"{results['model']}  ({results['rounds']} alternating rounds, medians)", "",
+             f"{'':<34}{'r1v':>12}{'llama-cpp-python':>18}"]
+    for title, key, fmt in rows:
+        lines.append(f"{title:<34}{fmt.format(ours[key]):>12}{fmt.format(direct[key]):>18}")
+    lines.append("")
+    lines += [f"{key:<34}{value:>12.3f}" for key, value in results["ratios"].items()]
+    bw = results["bandwidth"]
+    lines.append("")
+    lines.append(f"memory bandwidth {bw['memory_bandwidth_gbps']:.1f} GB/s, {bw['weight_bytes_per_token'] / 1e6:.0f} MB "
+                 f"of weights per token: bound {bw['decode_bound_tokens_per_second']:.1f} tok/s; decode reaches "
+                 f"{bw['ours_decode_fraction_of_bound']:.2f} (r1v) / "
+                 f"{bw['llama_cpp_python_decode_fraction_of_bound']:.2f} (llama-cpp-python) of it")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
