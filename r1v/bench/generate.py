@@ -37,6 +37,7 @@ class BenchSpec:
     n_threads: int | None
     n_batch: int
     image: str | None
+    flash_attn: bool
 
 
 @dataclass
@@ -56,7 +57,8 @@ class SideFigures:
 def _ours(spec: BenchSpec) -> dict[str, Any]:
     from r1v.runtime.api import LoadOptions, load
 
-    options = LoadOptions(mmproj=spec.mmproj, n_ctx=spec.n_ctx, n_threads=spec.n_threads, n_batch=spec.n_batch)
+    options = LoadOptions(mmproj=spec.mmproj, n_ctx=spec.n_ctx, n_threads=spec.n_threads, n_batch=spec.n_batch,
+                          flash_attn=spec.flash_attn)
     out: dict[str, Any] = {}
     with load(spec.model, options) as model:
         prompt = PROMPT_PARAGRAPH * spec.prompt_repeats
@@ -80,7 +82,8 @@ def _direct(spec: BenchSpec, prompt: str, n_tokens: int, image_prompt: str | Non
     import llama_cpp
     import numpy as np
 
-    llama = llama_cpp.Llama(spec.model, n_ctx=spec.n_ctx, n_batch=spec.n_batch, verbose=False,
+    llama = llama_cpp.Llama(spec.model, n_ctx=spec.n_ctx, n_batch=spec.n_batch, flash_attn=spec.flash_attn,
+                            verbose=False,
                             **({"n_threads": spec.n_threads} if spec.n_threads else {}))
     out: dict[str, Any] = {}
     prompt_ids = llama.tokenize(prompt.encode(), add_bos=True, special=True)  # as the model asks (BOS or not)
@@ -170,7 +173,7 @@ def weight_bytes_per_token(gguf_path: str | Path) -> int:
 
 def bench_generate(model: str, *, mmproj: str | None = None, image: str | None = None, quant: str | None = None,
                    prompt_repeats: int = 12, max_tokens: int = 64, n_ctx: int = 4096, n_threads: int | None = None,
-                   n_batch: int = 512, rounds: int = 3) -> dict[str, Any]:
+                   n_batch: int = 512, flash_attn: bool = True, rounds: int = 3) -> dict[str, Any]:
     """Measure both sides `rounds` times, alternating; return figures, ratios and the bandwidth bound."""
     from r1v.runtime.resolve import resolve_model
 
@@ -180,7 +183,7 @@ def bench_generate(model: str, *, mmproj: str | None = None, image: str | None =
                          f"(got {resolved.format})")
     mmproj_path = str(resolved.mmproj) if resolved.mmproj else None
     spec = BenchSpec(str(resolved.path), mmproj_path, prompt_repeats, max_tokens, n_ctx, n_threads, n_batch,
-                     image if mmproj_path else None)
+                     image if mmproj_path else None, flash_attn)
     ours_runs: list[tuple[dict[str, Any], float]] = []
     direct_runs: list[tuple[dict[str, Any], float]] = []
     with tempfile.TemporaryDirectory(prefix="r1v-bench-generate-") as tmp:
@@ -213,6 +216,7 @@ def bench_generate(model: str, *, mmproj: str | None = None, image: str | None =
                                                           direct.image_time_to_first_token)
     return {
         "model": spec.model, "mmproj": spec.mmproj, "rounds": rounds, "n_threads": n_threads,
+        "flash_attn": flash_attn,
         "ours": asdict(ours), "llama_cpp_python": asdict(direct), "ratios": ratios,
         "bandwidth": {
             "memory_bandwidth_gbps": round(bandwidth, 2), "weight_bytes_per_token": per_token,

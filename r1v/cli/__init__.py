@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert_cmd", "convert a checkpoint: `r1v convert gguf` (llama.cpp files)"),
     "bench": ("bench_cmd", "benchmarks against a baseline measured in the same run"),
     "demo": ("demo_cmd", "run the main job on the bundled default model"),
+    "generate": ("generate_cmd", "answer a question about images with a model, streaming to the terminal"),
+    "chat": ("chat_cmd", "chat with a model interactively (/image PATH attaches an image, /reset starts over)"),
 }
 
 

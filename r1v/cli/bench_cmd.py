@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generate.add_argument("--n-ctx", type=int, default=4096)
     generate.add_argument("--n-threads", type=int, default=None)
     generate.add_argument("--n-batch", type=int, default=512)
+    generate.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
+                          help="flash attention off on both sides (default: on for both)")
     generate.add_argument("--rounds", type=int, default=3, help="alternating rounds per side (medians reported)")
     generate.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
         results = bench_generate(args.model, mmproj=args.mmproj, image=args.image, quant=args.quant,
                                  prompt_repeats=args.prompt_repeats, max_tokens=args.max_tokens, n_ctx=args.n_ctx,
-                                 n_threads=args.n_threads, n_batch=args.n_batch, rounds=args.rounds)
+                                 n_threads=args.n_threads, n_batch=args.n_batch, flash_attn=args.flash_attn,
+                                 rounds=args.rounds)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0

@@ -1,0 +1,146 @@
+"""`r1v generate MODEL --image IMG --prompt TEXT`: answer one question, streaming to the terminal.
+
+The answer goes to stdout; the reasoning is hidden unless --show-reasoning (then dimmed on a terminal, or
+between <think> and </think> when piped); a one-line timing summary goes to stderr. Flags are the
+arguments of `r1v.load` (LoadOptions) and `Model.generate` (SamplingParams).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Iterable, TextIO
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and the load options (shared with `r1v chat`)."""
+    parser.add_argument("model", help="a .gguf file (mmproj found beside it), a model directory, or a models.yaml name")
+    load = parser.add_argument_group("loading (LoadOptions)")
+    load.add_argument("--quant", default=None, help="GGUF quant to pick in a directory or repository (e.g. q4_k_m)")
+    load.add_argument("--mmproj", default=None, help="vision projector file, when not found beside the model")
+    load.add_argument("--n-ctx", type=int, default=8192, help="context window in tokens (default 8192)")
+    load.add_argument("--n-threads", "--threads", dest="n_threads", type=int, default=None,
+                      help="decoding threads (default: half the CPUs)")
+    load.add_argument("--n-threads-batch", type=int, default=None, help="prompt/image threads (default: all CPUs)")
+    load.add_argument("--n-batch", type=int, default=512, help="prompt tokens per llama.cpp batch")
+    load.add_argument("--max-tiles", type=int, default=None, help="most 448-pixel tiles per image (default: model's)")
+    load.add_argument("--tiling", choices=("internvl", "llamacpp"), default="internvl",
+                      help="image tiling: InternVL's (as trained, default) or libmtmd's own")
+    load.add_argument("--chat-template", default=None, help="bundled template name, .jinja file or Jinja text")
+    load.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
+    load.add_argument("--offline", action="store_true", default=None, help="no downloads: use the cache only")
+    load.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    sampling = parser.add_argument_group("sampling (SamplingParams; defaults: the model's, from models.yaml)")
+    sampling.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--top-k", type=int, default=None)
+    sampling.add_argument("--min-p", type=float, default=None)
+    sampling.add_argument("--repetition-penalty", type=float, default=None)
+    sampling.add_argument("--seed", type=int, default=None)
+    sampling.add_argument("--max-tokens", type=int, default=None, help="most output tokens (capped by the context)")
+    sampling.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--image", action="append", default=[], metavar="IMG",
+                        help="image file (repeatable; they come before the prompt, in order)")
+    parser.add_argument("--prompt", "-p", default=None, help="the question (default: read from stdin)")
+    parser.add_argument("--show-reasoning", action="store_true", help="print the reasoning, not only the answer")
+    add_sampling_arguments(parser)
+
+
+LOAD_FIELDS = ("quant", "mmproj", "n_ctx", "n_threads", "n_threads_batch", "n_batch", "max_tiles", "tiling",
+               "chat_template", "cache_dir", "offline", "verbose")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in LOAD_FIELDS if getattr(args, name) is not None}
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in SAMPLING_FIELDS if getattr(args, name) is not None}
+
+
+class Printer:
+    """Writes stream chunks: content as is; reasoning dimmed (terminal) or inside <think>...</think>."""
+
+    def __init__(self, out: TextIO, show_reasoning: bool):
+        self.out, self.show = out, show_reasoning
+        self.tty = out.isatty()
+        self.in_reasoning = False
+        self.wrote_any = False
+        self.last = ""
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.last = text
+            self.wrote_any = True
+
+    def _leave_reasoning(self) -> None:
+        if self.in_reasoning:
+            self._write(RESET + "\n" if self.tty else ("" if self.last.endswith("\n") else "\n") + "</think>\n\n")
+            self.in_reasoning = False
+
+    def chunk(self, text: str, kind: str) -> None:
+        if kind == "reasoning":
+            if not self.show or not text:
+                return
+            if not self.in_reasoning:
+                self._write(DIM if self.tty else "<think>\n")
+                self.in_reasoning = True
+            self._write(text)
+        else:
+            self._leave_reasoning()
+            self._write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        self._leave_reasoning()
+        if self.wrote_any and not self.last.endswith("\n"):
+            self.out.write("\n")
+        self.out.flush()
+
+
+def print_stream(chunks: Iterable[Any], show_reasoning: bool, out: TextIO = sys.stdout) -> Any:
+    """Print a `Model.stream`; return its Result."""
+    printer = Printer(out, show_reasoning)
+    result = None
+    try:
+        for chunk in chunks:
+            printer.chunk(chunk.text, chunk.kind)
+            result = chunk.result or result
+    finally:
+        printer.end()
+    return result
+
+
+def report(result: Any, show_reasoning: bool) -> None:
+    print(result.summary(), file=sys.stderr)
+    if not result.content and result.reasoning and not show_reasoning:
+        print("(no answer: the model was still reasoning when it stopped; raise --max-tokens or --n-ctx, or pass "
+              "--show-reasoning to see its reasoning)", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from r1v.runtime.api import load
+    from r1v.runtime.mtmd import MtmdError
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip() and not args.image:
+        raise ValueError("nothing to ask: give --prompt TEXT (or text on stdin) and/or --image IMG")
+    try:
+        with load(args.model, **load_options(args)) as model:
+            stream = model.stream(prompt, images=args.image, **sampling_overrides(args))
+            result = print_stream(stream, args.show_reasoning)
+    except (NotImplementedError, MtmdError, RuntimeError) as e:
+        print(f"r1v generate: error: {e}", file=sys.stderr)
+        return 2
+    report(result, args.show_reasoning)
+    return 0

@@ -1,0 +1,489 @@
+"""The runtime's public face: `load` a model, then `Model.generate` / `Model.stream` over chat messages.
+
+    import r1v
+    with r1v.load("Skywork-R1V3-38B-Q4_K_M.gguf") as model:         # mmproj found beside it
+        for chunk in model.stream("How many cats?", images=["cats.jpg"]):
+            print(chunk.text, end="")                                  # chunk.kind: "reasoning" | "content"
+        result = model.generate("How many cats?", images=["cats.jpg"], temperature=0)
+        result.content, result.reasoning, result.decode_tokens_per_second
+
+`generate` is a loop over `stream` (one code path): the last chunk of a stream carries the `Result`. Options
+for loading are one dataclass (`LoadOptions`), sampling another (`SamplingParams`); both accept keyword
+overrides. The backend comes from the resolved format: GGUF runs on llama.cpp (`backends.llamacpp`).
+
+Nothing heavy is imported here at module level: llama_cpp loads with the first `load()`.
+"""
+from __future__ import annotations
+
+import codecs
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, NamedTuple, Sequence
+
+from .chat import RenderedPrompt, normalize_messages, render_prompt
+from .reasoning import ReasoningParser, Round, parse_rounds, split_reasoning
+
+if TYPE_CHECKING:
+    from .resolve import ResolvedModel
+
+__all__ = [
+    "ContextOverflowError", "ImageInfo", "LoadOptions", "Model", "NoProjectorError", "Result", "SamplingParams",
+    "StreamChunk", "generate", "load",
+]
+
+FinishReason = Literal["stop", "length", "stop_string"]
+Kind = Literal["reasoning", "content"]
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+class ContextOverflowError(ValueError):
+    """The prompt does not fit in the context window; raised before anything is decoded."""
+
+    def __init__(self, message: str, *, prompt_tokens: int, n_ctx: int):
+        super().__init__(message)
+        self.prompt_tokens, self.n_ctx = prompt_tokens, n_ctx
+
+
+class NoProjectorError(ValueError):
+    """Images were given to a model loaded without a vision projector (mmproj)."""
+
+
+# --- options --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to find and run a model. ``None`` means: the file's or the backend's own choice.
+
+    quant / mmproj / cache_dir / offline: passed to `resolve_model` (pick a GGUF quant; the projector file
+    when not beside the model; the Hugging Face cache; no downloads).
+    n_ctx: context window in tokens (prompt + output, images included: 256 per 448-pixel tile).
+    n_threads: decoding threads (default: half the CPUs available, at least 1); n_threads_batch: prompt
+    and image threads (default: all CPUs available). n_batch: tokens per llama_decode call in the prompt.
+    max_tiles: most tiles per image (default: the model's, 12 for R1V). tiling: "internvl" cuts images
+    exactly as the model was trained (InternVL's dynamic_preprocess); "llamacpp" lets libmtmd tile them its
+    own way (a different grid for many sizes; for comparison).
+    chat_template: a bundled template name (chatml-think, deepseek-r1-think), a .jinja file or Jinja text,
+    instead of the one the model file carries. flash_attn: None = llama.cpp decides.
+    seed: default sampling seed for requests that give none. image_cache: how many images' embeddings to
+    keep for reuse.
+    """
+
+    quant: str | None = None
+    mmproj: str | Path | None = None
+    n_ctx: int = 8192
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_batch: int = 512
+    max_tiles: int | None = None
+    tiling: Literal["internvl", "llamacpp"] = "internvl"
+    chat_template: str | None = None
+    flash_attn: bool | None = None
+    cache_dir: str | Path | None = None
+    offline: bool | None = None
+    verbose: bool = False
+    seed: int | None = None
+    image_cache: int = 4
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 16:
+            raise ValueError(f"n_ctx must be >= 16, got {self.n_ctx}")
+        if self.n_batch < 1:
+            raise ValueError(f"n_batch must be >= 1, got {self.n_batch}")
+        for name in ("n_threads", "n_threads_batch", "max_tiles"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.tiling not in ("internvl", "llamacpp"):
+            raise ValueError(f"tiling must be 'internvl' or 'llamacpp', got {self.tiling!r}")
+        if self.image_cache < 0:
+            raise ValueError(f"image_cache must be >= 0, got {self.image_cache}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling for one request; defaults are the model's (models.yaml), else Skywork's (0.6 / 0.95 / 1.05).
+
+    temperature 0 is greedy decoding (the repetition penalty still applies, as in llama.cpp and vLLM; set
+    repetition_penalty=1.0 for plain argmax). top_k 0, top_p 1.0 and min_p 0.0 are off. The repetition
+    penalty covers the last `repeat_last_n` tokens of prompt and output (-1: the whole context, as
+    transformers and vLLM apply it). max_tokens counts output tokens and is capped by the free context.
+    stop: strings that end the output (not included in it). seed None: a random seed (Result.seed says which).
+    The same seed, prompt and cache state give the same output; a prompt partly served from the KV cache is
+    evaluated in other batch sizes, which moves the last digits of the logits and, on a flat distribution,
+    can change a sampled token (greedy decoding is not affected in practice).
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.05
+    repeat_last_n: int = -1
+    seed: int | None = None
+    max_tokens: int = 64000
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_defaults(cls, defaults: Any, seed: int | None = None) -> SamplingParams:
+        """From a registry `GenerationDefaults` (or anything with the same attribute names)."""
+        names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+        return cls(seed=seed, **{n: getattr(defaults, n) for n in names if hasattr(defaults, n)})
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+
+# --- results --------------------------------------------------------------------------------------------
+
+class ImageInfo(NamedTuple):
+    """How one image of the prompt was cut: grid (columns, rows) and tiles (the thumbnail included)."""
+
+    grid: tuple[int, int] | None
+    tiles: int
+
+
+@dataclass(frozen=True)
+class Result:
+    """One finished generation. `text` is the raw output (tags included, stop string and end token not);
+    `reasoning` / `content` split it at ``</think>``; `rounds` are R1V4-style blocks.
+
+    Counts: prompt_tokens (positions, image embeddings included), cached_tokens (of those, reused from the
+    previous request's KV cache, not evaluated again), completion_tokens (sampled, the end token included).
+    Timings: prefill_seconds (from the call to the prompt's logits: image encoding + prompt evaluation;
+    image_seconds of it for the vision tower), time_to_first_token, decode_seconds (first to last token);
+    prefill_tokens_per_second counts the evaluated (not cached) positions, decode_tokens_per_second the
+    tokens after the first.
+    """
+
+    text: str
+    reasoning: str
+    content: str
+    rounds: list[Round]
+    finish_reason: FinishReason
+    tokens: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    prefill_seconds: float
+    image_seconds: float
+    time_to_first_token: float
+    decode_seconds: float
+    images: list[ImageInfo] = field(default_factory=list)
+    seed: int | None = None
+    prompt: str = ""
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        n = self.completion_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    @property
+    def message(self) -> dict[str, Any]:
+        """The assistant message to append to the conversation: the answer, without the reasoning (as for
+        DeepSeek-R1-style models; Skywork's templates drop reasoning from history too)."""
+        return {"role": "assistant", "content": self.content}
+
+    def summary(self) -> str:
+        """One line of counts and speeds."""
+        cached = f", {self.cached_tokens} cached" if self.cached_tokens else ""
+        return (f"prompt {self.prompt_tokens} tokens{cached}: {self.prefill_seconds:.2f} s "
+                f"({self.prefill_tokens_per_second:.1f} tok/s) | output {self.completion_tokens} tokens: "
+                f"{self.decode_seconds:.2f} s ({self.decode_tokens_per_second:.1f} tok/s) | "
+                f"first token {self.time_to_first_token:.2f} s | finish: {self.finish_reason}")
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """A piece of streamed output. `text` is reasoning or answer text (``<think>`` tags are not part of it);
+    `token_id` is the token whose arrival released it. The last chunk of a stream has empty text, a
+    `finish_reason` and the whole `result`."""
+
+    text: str
+    kind: Kind
+    token_id: int | None = None
+    finish_reason: FinishReason | None = None
+    result: Result | None = None
+
+
+# --- text assembly: bytes -> text, stop strings, reasoning split ----------------------------------------
+
+class _TextAssembler:
+    """Token pieces (bytes) in, released text out. UTF-8 characters split across tokens are joined; text
+    that could be the start of a stop string is held back until it is decided."""
+
+    def __init__(self, stop: Sequence[str], in_reasoning: bool):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._stop = tuple(stop)
+        self._pending = ""
+        self._released: list[str] = []
+        self.parser = ReasoningParser(starts_in_reasoning=in_reasoning)
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self._released)
+
+    def _release(self, text: str) -> list[Any]:
+        if not text:
+            return []
+        self._released.append(text)
+        return self.parser.feed(text)
+
+    def push(self, data: bytes) -> list[Any]:
+        self._pending += self._decoder.decode(data)
+        if not self._stop:
+            text, self._pending = self._pending, ""
+            return self._release(text)
+        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            text, self._pending = self._pending[:min(hits)], ""
+            return self._release(text)
+        hold = 0
+        for s in self._stop:  # the longest tail of pending that begins a stop string
+            for k in range(min(len(s) - 1, len(self._pending)), hold, -1):
+                if s.startswith(self._pending[-k:]):
+                    hold = k
+                    break
+        text = self._pending[:len(self._pending) - hold]
+        self._pending = self._pending[len(self._pending) - hold:]
+        return self._release(text)
+
+    def finish(self) -> list[Any]:
+        deltas = [] if self.stopped else self._release(self._pending + self._decoder.decode(b"", final=True))
+        self._pending = ""
+        return deltas + self.parser.finish()
+
+
+# --- the model ------------------------------------------------------------------------------------------
+
+class _Active:
+    """The run behind the Model's current stream."""
+
+    def __init__(self, run: Any):
+        self.run, self.cancelled = run, False
+
+
+class Model:
+    """A loaded model: `generate` / `stream` over chat messages or a prompt with images.
+
+    Keeps the previous request's sequence in the KV cache, so a follow-up that repeats the conversation
+    evaluates only what is new (`Result.cached_tokens`). One request at a time, from one thread: a new
+    request ends a stream left unfinished. `close()` (or ``with``) frees the native memory.
+    """
+
+    def __init__(self, backend: Any, resolved: ResolvedModel | None, options: LoadOptions):
+        from .chat import resolve_template
+
+        self._backend = backend
+        self.resolved = resolved
+        self.options = options
+        entry = resolved.entry if resolved is not None else None
+        self.chat_template = resolve_template(options.chat_template, backend.chat_template,
+                                              entry.chat_template if entry is not None else None)
+        if entry is not None:
+            self.sampling = SamplingParams.from_defaults(entry.generation, seed=options.seed)
+        else:
+            from r1v.registry import GenerationDefaults
+
+            self.sampling = SamplingParams.from_defaults(GenerationDefaults(), seed=options.seed)
+        self._active: _Active | None = None
+
+    # --- facts --------------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self._backend.path
+
+    @property
+    def mmproj(self) -> Path | None:
+        return self._backend.mmproj_path
+
+    @property
+    def n_ctx(self) -> int:
+        return self._backend.n_ctx
+
+    @property
+    def has_vision(self) -> bool:
+        return self._backend.mmproj_path is not None
+
+    def __repr__(self) -> str:
+        projector = f", mmproj={self.mmproj.name}" if self.mmproj else ""
+        return f"Model({self.path.name}{projector}, n_ctx={self.n_ctx})"
+
+    # --- prompts ------------------------------------------------------------------------------------
+    def render(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], images: Sequence[Any] | None = None,
+               *, add_generation_prompt: bool = True) -> RenderedPrompt:
+        """The prompt the model would see (``.text`` shows each image as ``<image>``)."""
+        messages = normalize_messages(messages_or_prompt, images)
+        return render_prompt(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                             **self._backend.special_texts)
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of `text` (special tokens such as ``<|im_start|>`` parsed when `special`)."""
+        return self._backend.tokenize(text, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._backend.detokenize(tokens)
+
+    # --- generation ---------------------------------------------------------------------------------
+    def stream(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], images: Sequence[Any] | None = None,
+               sampling: SamplingParams | None = None, **overrides: Any) -> Iterator[StreamChunk]:
+        """Stream the answer as `StreamChunk` s; the last one carries the `Result`.
+
+        Everything that can fail before decoding (messages, template, images, context size) fails here, at
+        the call, not at the first ``next()``."""
+        params = (sampling or self.sampling).replace(**overrides) if overrides else (sampling or self.sampling)
+        rendered = self.render(messages_or_prompt, images)
+        self._cancel()
+        prompt = self._backend.prepare(rendered.pieces, rendered.images)
+        active = self._active = _Active(self._backend.start(prompt, params))
+        return self._chunks(active, rendered, params)
+
+    def generate(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], images: Sequence[Any] | None = None,
+                 sampling: SamplingParams | None = None, **overrides: Any) -> Result:
+        """The whole answer: a loop over `stream`."""
+        result = None
+        for chunk in self.stream(messages_or_prompt, images, sampling, **overrides):
+            result = chunk.result or result
+        assert result is not None
+        return result
+
+    def _cancel(self) -> None:
+        """End the unfinished stream, if any: the KV cache keeps what it evaluated; its consumer gets a
+        RuntimeError at the next chunk."""
+        if self._active is not None:
+            self._active.cancelled = True
+            self._active.run.close()
+            self._active = None
+
+    def _chunks(self, active: _Active, rendered: RenderedPrompt, params: SamplingParams) -> Iterator[StreamChunk]:
+        run = active.run
+        in_reasoning = rendered.starts_in_reasoning
+        text = _TextAssembler(params.stop, in_reasoning)
+        tokens: list[int] = []
+        finish: FinishReason = "length"
+        try:
+            for token, piece, end in run:
+                tokens.append(token)
+                for delta in text.push(piece):
+                    yield StreamChunk(delta.text, delta.kind, token)
+                if text.stopped:
+                    finish = "stop_string"
+                    break
+                if end:
+                    finish = "stop"
+            if active.cancelled:
+                raise RuntimeError("this stream was ended by a newer request (or close()) on the same Model")
+            run.close()
+            for delta in text.finish():
+                yield StreamChunk(delta.text, delta.kind, tokens[-1] if tokens else None)
+            raw = text.text
+            reasoning, content = split_reasoning(raw, starts_in_reasoning=in_reasoning)
+            stats = run.stats
+            result = Result(
+                text=raw, reasoning=reasoning, content=content,
+                rounds=parse_rounds(raw, starts_in_reasoning=in_reasoning), finish_reason=finish, tokens=tokens,
+                prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
+                completion_tokens=len(tokens), prefill_seconds=stats.prefill_seconds,
+                image_seconds=stats.image_seconds, time_to_first_token=stats.time_to_first_token,
+                decode_seconds=stats.decode_seconds, images=[ImageInfo(*i) for i in stats.images],
+                seed=stats.seed, prompt=rendered.text,
+            )
+            kind: Kind = "reasoning" if text.parser.in_reasoning else "content"
+            yield StreamChunk("", kind, None, finish, result)
+        finally:
+            run.close()
+            if self._active is active:
+                self._active = None
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next request evaluates its whole prompt)."""
+        self._cancel()
+        self._backend.reset()
+
+    # --- lifetime -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the native memory (weights, KV cache, vision tower). The Model cannot be used afterwards."""
+        self._cancel()
+        self._backend.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- entry points ---------------------------------------------------------------------------------------
+
+def load(source: str | Path, options: LoadOptions | None = None, **overrides: Any) -> Model:
+    """Load a model: a .gguf file (its mmproj found beside it, or `mmproj=`), a directory, or a models.yaml
+    name (downloaded through huggingface-hub, only the files the quant needs). Options: `LoadOptions` and/or
+    keyword overrides of its fields."""
+    from .resolve import resolve_model
+
+    options = options or LoadOptions()
+    if overrides:
+        known = {f.name for f in dataclasses.fields(LoadOptions)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown load option(s) {unknown}; known: {sorted(known)}")
+        options = dataclasses.replace(options, **overrides)
+    resolved = resolve_model(source, quant=options.quant, mmproj=options.mmproj, cache_dir=options.cache_dir,
+                             offline=options.offline)
+    if resolved.format == "gguf":
+        from .backends.llamacpp import LlamaCppBackend
+
+        backend = LlamaCppBackend(resolved.path, resolved.mmproj, options)
+    else:
+        raise NotImplementedError(
+            f"{resolved.path} is a {resolved.format} checkpoint; its backend (runtime/backends/awq.py, torch) is "
+            f"not available yet. Convert it for llama.cpp with `r1v convert gguf {resolved.path} -o OUTDIR` and "
+            f"load the .gguf file.")
+    try:
+        return Model(backend, resolved, options)
+    except BaseException:
+        backend.close()
+        raise
+
+
+def generate(model: Model | str | Path, messages_or_prompt: str | Sequence[Mapping[str, Any]],
+             images: Sequence[Any] | None = None, *, options: LoadOptions | None = None,
+             **sampling: Any) -> Result:
+    """One answer: `model` is a loaded `Model`, or a source to `load` (and close afterwards)."""
+    if isinstance(model, Model):
+        return model.generate(messages_or_prompt, images, **sampling)
+    with load(model, options) as loaded:
+        return loaded.generate(messages_or_prompt, images, **sampling)
