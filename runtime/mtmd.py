@@ -450,6 +450,18 @@ class MtmdContext:
             raise MtmdError(f"mtmd_helper_eval_chunk_single failed ({rc}) on chunk {index}")
         return int(new_n_past.value)
 
+    def eval_into_llama(self, llama: Any, prompt: TokenizedPrompt) -> int:
+        """Evaluate a whole tokenized prompt into a `llama_cpp.Llama` after its current tokens (text through
+        `Llama.eval`, images through libmtmd), as llama-cpp-python's own multimodal chat handler does: the
+        plain llama-cpp-python baseline of tests and benchmarks. Returns the new `llama.n_tokens`."""
+        for chunk in prompt.chunks:
+            if chunk.kind == "text":
+                llama.eval(list(chunk.tokens))
+            else:
+                llama.n_tokens = self.eval_image_chunk(prompt, chunk.index, llama.ctx, llama.n_tokens,
+                                                       n_batch=llama.n_batch)
+        return llama.n_tokens
+
     def embed_image(self, image: ImageLike) -> ImageEmbedding:
         """Tile one image as libmtmd does and return its projector output per tile."""
         with self.tokenize(self.marker, [image]) as tokenized:

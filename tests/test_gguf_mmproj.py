@@ -318,11 +318,7 @@ def test_image_question_greedy_tokens_match_torch_reference(files: dict[str, Pat
     with MtmdContext(files["f16"], llama, n_threads=2) as ctx, \
             ctx.tokenize(prefix + ctx.marker + suffix, [image]) as prompt:
         llama.reset()
-        for chunk in prompt.chunks:
-            if chunk.kind == "text":
-                llama.eval(list(chunk.tokens))
-            else:
-                llama.n_tokens = ctx.eval_image_chunk(prompt, chunk.index, llama.ctx, llama.n_tokens)
+        ctx.eval_into_llama(llama, prompt)
         assert prompt.chunks[-1].kind == "text"  # so the last eval left the logits of the last position
         ours: list[int] = []
         for _ in range(steps):

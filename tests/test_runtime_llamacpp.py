@@ -170,11 +170,7 @@ def test_libmtmd_tiling_matches_libmtmds_own_evaluation(files: Files):
         with MtmdContext(files.mmproj, llama, n_threads=1) as ctx, \
                 ctx.tokenize(prompt_text.replace("<image>", ctx.marker), [np.asarray(image)]) as prompt:
             llama.reset()
-            for chunk in prompt.chunks:
-                if chunk.kind == "text":
-                    llama.eval(list(chunk.tokens))
-                else:
-                    llama.n_tokens = ctx.eval_image_chunk(prompt, chunk.index, llama.ctx, llama.n_tokens)
+            ctx.eval_into_llama(llama, prompt)
             assert prompt.n_tokens == result.prompt_tokens
             theirs = []
             sampler = llama_cpp.llama_sampler_init_greedy()

@@ -110,12 +110,7 @@ def _direct(spec: BenchSpec, prompt: str, n_tokens: int, image_prompt: str | Non
             llama.reset()
             start = time.perf_counter()
             with ctx.tokenize(text, [pixels]) as prompt:
-                for chunk in prompt.chunks:
-                    if chunk.kind == "text":
-                        llama.eval(list(chunk.tokens))
-                    else:
-                        llama.n_tokens = ctx.eval_image_chunk(prompt, chunk.index, llama.ctx, llama.n_tokens,
-                                                              n_batch=spec.n_batch)
+                ctx.eval_into_llama(llama, prompt)
                 logits = llama_cpp.llama_get_logits_ith(llama.ctx, -1)
                 int(np.argmax(np.ctypeslib.as_array(logits, shape=(llama.n_vocab(),))))
                 out["image"] = dict(prompt_tokens=prompt.n_pos, time_to_first_token=time.perf_counter() - start)
