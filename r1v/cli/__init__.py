@@ -15,7 +15,7 @@ from r1v.converters.errors import CheckpointError
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect_cmd", "show what a checkpoint holds: components, parameters, dtypes, tokens, template"),
     "plan": ("plan_cmd", "memory each way of running a model needs, from config.json alone"),
-    "convert": ("convert_cmd", "convert a checkpoint: `r1v convert gguf` (llama.cpp files)"),
+    "convert": ("convert_cmd", "convert a checkpoint: `r1v convert gguf` (llama.cpp) or `r1v convert awq` (GPU)"),
     "bench": ("bench_cmd", "benchmarks against a baseline measured in the same run"),
     "demo": ("demo_cmd", "run the main job on the bundled default model"),
     "generate": ("generate_cmd", "answer a question about images with a model, streaming to the terminal"),

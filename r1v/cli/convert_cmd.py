@@ -1,4 +1,4 @@
-"""`r1v convert gguf|... CHECKPOINT -o OUTDIR ...`: one sub-command per output format."""
+"""`r1v convert gguf|awq CHECKPOINT -o OUTDIR ...`: one sub-command per output format."""
 from __future__ import annotations
 
 import argparse
@@ -24,9 +24,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gguf.add_argument("--imatrix", type=Path, default=None, help="importance matrix for low-bit types")
     gguf.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
     gguf.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    gguf.set_defaults(_run=run_gguf)
+
+    awq = formats.add_parser(
+        "awq", help="AWQ 4-bit checkpoint (AutoAWQ GEMM layout) for vLLM, transformers and the awq backend",
+        description="Quantize the LLM to 4 bit with AWQ, one decoder layer at a time, calibrated on chat-templated "
+                    "prompts with images; write safetensors shards + config.json with quantization_config. "
+                    "An interrupted run resumes when rerun with the same arguments.")
+    awq.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    awq.add_argument("-o", "--outdir", type=Path, required=True,
+                     help="output checkpoint directory (must not exist, or be empty; appears when complete)")
+    awq.add_argument("--calib", type=Path, default=None,
+                     help='calibration JSONL: {"image": PATH, "question": ...} or {"text": ...} per line '
+                          "(default: the built-in set of synthetic images, reasoning and text)")
+    awq.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero group")
+    awq.add_argument("--vision", default="fp16", choices=("fp16", "int8", "int4"),
+                     help="vision tower: fp16, or weight-only int8/int4 (int4 in the AWQ layout, RTN)")
+    awq.add_argument("--n-samples", type=int, default=128, help="calibration windows")
+    awq.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    awq.add_argument("--method", default="awq", choices=("awq", "rtn"),
+                     help="awq (scale + clip search) or rtn (plain round-to-nearest, the baseline)")
+    awq.add_argument("--imatrix-out", type=Path, default=None,
+                     help="also write the activation statistics as a llama.cpp imatrix (for convert gguf --imatrix)")
+    awq.add_argument("--device", default="cpu", help="cpu or cuda (fp16 on CUDA, fp32 on CPU)")
+    awq.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    awq.set_defaults(_run=run_awq)
 
 
 def run(args: argparse.Namespace) -> int:
+    return args._run(args)
+
+
+def run_awq(args: argparse.Namespace) -> int:
+    from r1v.quant.driver import quantize_checkpoint_awq
+
+    result = quantize_checkpoint_awq(
+        args.checkpoint, args.outdir, calib=args.calib, group_size=args.group_size, vision=args.vision,
+        n_samples=args.n_samples, seq_len=args.seq_len, method=args.method, device=args.device,
+        imatrix_out=args.imatrix_out, progress=args.progress,
+    )
+    size = sum(f.stat().st_size for f in result.files)
+    resumed = f", resumed at layer {result.resumed_from}" if result.resumed_from else ""
+    print(f"{result.outdir}  ({len(result.files)} files, {size / 1e6:.1f} MB; {result.n_layers} layers{resumed})")
+    if result.imatrix:
+        print(f"{result.imatrix}  ({result.imatrix.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def run_gguf(args: argparse.Namespace) -> int:
     from r1v.converters.gguf import convert_gguf
 
     result = convert_gguf(
