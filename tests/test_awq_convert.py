@@ -9,7 +9,6 @@ Run with -s to see the measured figures (lines starting with [awq]).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from autoawq_oracle import autoawq_packing_utils
 from r1v.converters.checkpoint import open_checkpoint, read_tokenizer_files
 from r1v.converters.config import parse_config
 from r1v.converters.gguf_common import ConversionError
@@ -120,21 +120,10 @@ def awq_out(ckpt, convert) -> Path:
 
 
 # --- reading the output back with AutoAWQ's code ----------------------------------------------------------------
-def _autoawq_packing_utils():
-    spec = importlib.util.find_spec("awq")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("autoawq is not installed (pip install --no-deps autoawq==0.2.9): no AutoAWQ oracle")
-    path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "packing_utils.py"
-    mod_spec = importlib.util.spec_from_file_location("_autoawq_packing_utils", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
-
-
 def load_awq_model(outdir: Path) -> R1VModel:
     """The output checkpoint as an fp32 R1VModel: AWQ tensors dequantized by AutoAWQ's dequantize_gemm,
     int8 ViT linears as int8_weight * int8_scale, everything else as stored (fp16)."""
-    awq = _autoawq_packing_utils()
+    awq = autoawq_packing_utils()
     config = json.loads((outdir / "config.json").read_text())
     q = config["quantization_config"]
     stored: dict[str, torch.Tensor] = {}

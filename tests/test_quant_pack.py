@@ -1,12 +1,12 @@
 """RTN group quantization and AutoAWQ GEMM packing: exact arithmetic, exact layout, AutoAWQ's own decoder."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from autoawq_oracle import autoawq_packing_utils
 from r1v.quant.pack import AWQ_ORDER, pack_awq, unpack_awq, dequantize_awq
 from r1v.quant.rtn import dequantize_rtn, fake_quantize, quantize_rtn
 
@@ -110,21 +110,9 @@ def test_pack_refuses_bad_input():
         pack_awq(ok[0], ok[1], torch.ones(8, 2))
 
 
-def _autoawq_packing_utils():
-    """awq/utils/packing_utils.py alone (importing `awq` whole wants accelerate, transformers, ...)."""
-    spec = importlib.util.find_spec("awq")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("autoawq is not installed (pip install --no-deps autoawq==0.2.9): no AutoAWQ oracle")
-    path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "packing_utils.py"
-    mod_spec = importlib.util.spec_from_file_location("_autoawq_packing_utils", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("group_size", [128, 64])
 def test_autoawq_decodes_our_packing_to_our_quantized_weight(group_size):
-    awq = _autoawq_packing_utils()
+    awq = autoawq_packing_utils()
     assert list(awq.AWQ_ORDER) == list(AWQ_ORDER)
     w = _weight(96, 384, seed=group_size)
     q = quantize_rtn(w, group_size)
