@@ -9,7 +9,8 @@
 
 `generate` is a loop over `stream` (one code path): the last chunk of a stream carries the `Result`. Options
 for loading are one dataclass (`LoadOptions`), sampling another (`SamplingParams`); both accept keyword
-overrides. The backend comes from the resolved format: GGUF runs on llama.cpp (`backends.llamacpp`).
+overrides. The backend comes from the resolved format: GGUF runs on llama.cpp (`backends.llamacpp`), AWQ
+checkpoints on torch with Triton kernels (`backends.awq`).
 
 Nothing heavy is imported here at module level: llama_cpp loads with the first `load()`.
 """
@@ -68,6 +69,17 @@ class LoadOptions:
     instead of the one the model file carries. flash_attn: None = llama.cpp decides.
     seed: default sampling seed for requests that give none. image_cache: how many images' embeddings to
     keep for reuse.
+    prefix_cache: keep llama.cpp's state after a prompt's images (in memory and on disk) and restore it when a
+    later request, in this process or another, starts with the same prefix; prefix_cache_dir: where
+    (default $R1V_PREFIX_CACHE_DIR, else ~/.cache/r1v/prefix-cache); prefix_cache_max_bytes: disk bound,
+    least recently used entries evicted (default 2 GiB). image_budget: seconds the prompt may take before the
+    first token: images get the largest max_tiles whose estimate fits, from this machine's encode and prefill
+    rates (measured once per model, stored beside the prefix cache).
+
+    AWQ checkpoints only (`backends.awq`): device ("cuda", "cuda:1", "cpu"; default CUDA when there is one);
+    device_memory: the memory budget ("24GB" = 24 GiB, or bytes) from which `r1v plan` picks the placement,
+    default the GPU's size; placement: an explicit one instead, e.g. "awq[vision=int4,embed=cpu]";
+    kernel: "auto" (Triton on CUDA, else torch), "triton", "torch", or "dense" (dequantized once to fp linears).
     """
 
     quant: str | None = None
@@ -85,6 +97,14 @@ class LoadOptions:
     verbose: bool = False
     seed: int | None = None
     image_cache: int = 4
+    prefix_cache: bool = True
+    prefix_cache_dir: str | Path | None = None
+    prefix_cache_max_bytes: int | None = None
+    image_budget: float | None = None
+    device: str | None = None
+    device_memory: int | str | None = None
+    placement: str | None = None
+    kernel: Literal["auto", "triton", "torch", "dense"] = "auto"
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16:
@@ -99,6 +119,12 @@ class LoadOptions:
             raise ValueError(f"tiling must be 'internvl' or 'llamacpp', got {self.tiling!r}")
         if self.image_cache < 0:
             raise ValueError(f"image_cache must be >= 0, got {self.image_cache}")
+        if self.prefix_cache_max_bytes is not None and self.prefix_cache_max_bytes < 0:
+            raise ValueError(f"prefix_cache_max_bytes must be >= 0, got {self.prefix_cache_max_bytes}")
+        if self.image_budget is not None and not self.image_budget > 0:
+            raise ValueError(f"image_budget must be > 0 seconds, got {self.image_budget}")
+        if self.kernel not in ("auto", "triton", "torch", "dense"):
+            raise ValueError(f"kernel must be 'auto', 'triton', 'torch' or 'dense', got {self.kernel!r}")
 
 
 @dataclass(frozen=True)
@@ -175,7 +201,9 @@ class Result:
     `reasoning` / `content` split it at ``</think>``; `rounds` are R1V4-style blocks.
 
     Counts: prompt_tokens (positions, image embeddings included), cached_tokens (of those, reused from the
-    previous request's KV cache, not evaluated again), completion_tokens (sampled, the end token included).
+    previous request's KV cache, not evaluated again), restored_tokens (of those, restored from the prefix
+    cache, not evaluated either), completion_tokens (sampled, the end token included).
+    estimated_prefill_seconds: what the image budget expected the prompt to take (None without a budget).
     Timings: prefill_seconds (from the call to the prompt's logits: image encoding + prompt evaluation;
     image_seconds of it for the vision tower), time_to_first_token, decode_seconds (first to last token);
     prefill_tokens_per_second counts the evaluated (not cached) positions, decode_tokens_per_second the
@@ -198,10 +226,12 @@ class Result:
     images: list[ImageInfo] = field(default_factory=list)
     seed: int | None = None
     prompt: str = ""
+    restored_tokens: int = 0
+    estimated_prefill_seconds: float | None = None
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        n = self.prompt_tokens - self.cached_tokens
+        n = self.prompt_tokens - self.cached_tokens - self.restored_tokens
         return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
@@ -218,10 +248,12 @@ class Result:
     def summary(self) -> str:
         """One line of counts and speeds."""
         cached = f", {self.cached_tokens} cached" if self.cached_tokens else ""
+        restored = f" | {self.restored_tokens} prompt tokens restored from the prefix cache" \
+            if self.restored_tokens else ""
         return (f"prompt {self.prompt_tokens} tokens{cached}: {self.prefill_seconds:.2f} s "
                 f"({self.prefill_tokens_per_second:.1f} tok/s) | output {self.completion_tokens} tokens: "
                 f"{self.decode_seconds:.2f} s ({self.decode_tokens_per_second:.1f} tok/s) | "
-                f"first token {self.time_to_first_token:.2f} s | finish: {self.finish_reason}")
+                f"first token {self.time_to_first_token:.2f} s | finish: {self.finish_reason}{restored}")
 
 
 @dataclass(frozen=True)
@@ -336,7 +368,7 @@ class Model:
 
     @property
     def has_vision(self) -> bool:
-        return self._backend.mmproj_path is not None
+        return getattr(self._backend, "has_vision", self._backend.mmproj_path is not None)
 
     def __repr__(self) -> str:
         projector = f", mmproj={self.mmproj.name}" if self.mmproj else ""
@@ -359,23 +391,28 @@ class Model:
 
     # --- generation ---------------------------------------------------------------------------------
     def stream(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], images: Sequence[Any] | None = None,
-               sampling: SamplingParams | None = None, **overrides: Any) -> Iterator[StreamChunk]:
+               sampling: SamplingParams | None = None, *, max_tiles: int | None = None,
+               image_budget: float | None = None, **overrides: Any) -> Iterator[StreamChunk]:
         """Stream the answer as `StreamChunk` s; the last one carries the `Result`.
 
+        `max_tiles` / `image_budget` (seconds) override the load options for this request's images.
         Everything that can fail before decoding (messages, template, images, context size) fails here, at
         the call, not at the first ``next()``."""
         params = (sampling or self.sampling).replace(**overrides) if overrides else (sampling or self.sampling)
         rendered = self.render(messages_or_prompt, images)
         self._cancel()
-        prompt = self._backend.prepare(rendered.pieces, rendered.images)
+        tiling = {k: v for k, v in (("max_tiles", max_tiles), ("image_budget", image_budget)) if v is not None}
+        prompt = self._backend.prepare(rendered.pieces, rendered.images, **tiling)
         active = self._active = _Active(self._backend.start(prompt, params))
         return self._chunks(active, rendered, params)
 
     def generate(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], images: Sequence[Any] | None = None,
-                 sampling: SamplingParams | None = None, **overrides: Any) -> Result:
+                 sampling: SamplingParams | None = None, *, max_tiles: int | None = None,
+                 image_budget: float | None = None, **overrides: Any) -> Result:
         """The whole answer: a loop over `stream`."""
         result = None
-        for chunk in self.stream(messages_or_prompt, images, sampling, **overrides):
+        for chunk in self.stream(messages_or_prompt, images, sampling, max_tiles=max_tiles, image_budget=image_budget,
+                                 **overrides):
             result = chunk.result or result
         assert result is not None
         return result
@@ -419,7 +456,8 @@ class Model:
                 completion_tokens=len(tokens), prefill_seconds=stats.prefill_seconds,
                 image_seconds=stats.image_seconds, time_to_first_token=stats.time_to_first_token,
                 decode_seconds=stats.decode_seconds, images=[ImageInfo(*i) for i in stats.images],
-                seed=stats.seed, prompt=rendered.text,
+                seed=stats.seed, prompt=rendered.text, restored_tokens=getattr(stats, "restored_tokens", 0),
+                estimated_prefill_seconds=getattr(stats, "estimated_prefill_seconds", None),
             )
             kind: Kind = "reasoning" if text.parser.in_reasoning else "content"
             yield StreamChunk("", kind, None, finish, result)
@@ -427,6 +465,15 @@ class Model:
             run.close()
             if self._active is active:
                 self._active = None
+
+    def logprobs(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], tokens: Sequence[int],
+                 images: Sequence[Any] | None = None) -> Any:
+        """Teacher-forced next-token log-probabilities (numpy float32 [len(tokens), vocab]) of `tokens` as
+        the answer to the prompt: row i is the distribution after the prompt and tokens[:i] (`r1v eval`)."""
+        rendered = self.render(messages_or_prompt, images)
+        self._cancel()
+        prompt = self._backend.prepare(rendered.pieces, rendered.images)
+        return self._backend.logprobs(prompt, tokens)
 
     def reset(self) -> None:
         """Forget the cached conversation (the next request evaluates its whole prompt)."""
@@ -467,11 +514,14 @@ def load(source: str | Path, options: LoadOptions | None = None, **overrides: An
         from .backends.llamacpp import LlamaCppBackend
 
         backend = LlamaCppBackend(resolved.path, resolved.mmproj, options)
+    elif resolved.format in ("awq", "safetensors"):
+        # torch (and triton on CUDA): the `awq` extra. An unquantized checkpoint runs on the same torch path,
+        # in full precision: the reference that `r1v eval --reference` compares quantized models with.
+        from .backends.awq import AWQBackend
+
+        backend = AWQBackend(resolved.path, options)
     else:
-        raise NotImplementedError(
-            f"{resolved.path} is a {resolved.format} checkpoint; its backend (runtime/backends/awq.py, torch) is "
-            f"not available yet. Convert it for llama.cpp with `r1v convert gguf {resolved.path} -o OUTDIR` and "
-            f"load the .gguf file.")
+        raise NotImplementedError(f"{resolved.path}: no backend runs {resolved.format!r} models")
     try:
         return Model(backend, resolved, options)
     except BaseException:

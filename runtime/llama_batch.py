@@ -55,19 +55,19 @@ class LlamaBatch:
             raise RuntimeError("the batch is freed")
         return self._batch
 
-    def _finish(self, n: int, pos0: int, logits_last: bool) -> None:
+    def _finish(self, n: int, pos0: int, logits_last: bool, logits_all: bool = False) -> None:
         self._pos[:n] = np.arange(pos0, pos0 + n, dtype=self._pos.dtype)
-        self._logits[:n] = 0
+        self._logits[:n] = int(logits_all)
         if logits_last:
             self._logits[n - 1] = 1
         self._batch.n_tokens = n
 
-    def set_tokens(self, tokens: Sequence[int], pos0: int, logits_last: bool = False) -> None:
+    def set_tokens(self, tokens: Sequence[int], pos0: int, logits_last: bool = False, logits_all: bool = False) -> None:
         n = len(tokens)
         if self._token is None or not 1 <= n <= self.capacity:
             raise ValueError(f"cannot put {n} tokens in a batch of {self.capacity} (embedding batch: {self.n_embd})")
         self._token[:n] = tokens
-        self._finish(n, pos0, logits_last)
+        self._finish(n, pos0, logits_last, logits_all)
 
     def set_token(self, token: int, pos: int) -> None:
         """One token with logits: the decode step's batch, without numpy's per-call overhead."""

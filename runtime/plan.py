@@ -483,6 +483,12 @@ def format_plan(plan: MemoryPlan) -> str:
             f"{e.key:<29} {e.device:<6} {e.weights_bytes / GB:>8.1f} {e.kv_bytes / GB:>6.1f} "
             f"{e.overhead_bytes / GB:>9.1f} {e.total_bytes / GB:>7.1f}  {fits}{host}"
         )
+    awq = [e for e in plan.entries if e.format == "awq"]  # in best_placement's order of preference
+    if awq:
+        lines += ["", f"AWQ placement r1v.load(..., device_memory=SIZE) picks at {plan.context} tokens:"]
+        for size in COMMON_MEMORY_GIB:
+            pick = next((e for e in awq if e.total_bytes <= size * GiB), None)
+            lines.append(f"  {size:>2} GB: {pick.key if pick else 'none fits'}")
     lines += [
         "",
         "GGUF on CPU loads one gguf.llm row and one gguf.mmproj row together; the fits column is per file.",

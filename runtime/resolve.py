@@ -36,6 +36,15 @@ def register_local_model(name: str, build: Callable[[str | None], Path]) -> None
     LOCAL_MODELS[name.lower()] = build
 
 
+def _micro_r1v(quant: str | None) -> Path:
+    from r1v.micro.files import micro_model  # builds the bundled demo model's files on first use
+
+    return micro_model(quant)
+
+
+register_local_model("micro-r1v", _micro_r1v)
+
+
 class ModelNotFoundError(FileNotFoundError):
     """The source is not a model file, a model directory or a known model name."""
 

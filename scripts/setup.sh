@@ -15,4 +15,11 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 # AutoAWQ is the tests' independent check of our AWQ packing; it is deprecated and pins old transformers, so
 # it comes without dependencies (only its packing_utils.py is loaded, which needs torch alone).
 .venv/bin/pip install -q --no-deps "autoawq==0.2.9"
+# Headless Chromium for the viewer's browser test (tests/test_viewer.py skips without it): only when asked
+# (R1V_INSTALL_CHROMIUM=1, or CI=true), as root, with apt-get; a failure here does not stop the setup.
+if [ ! -x /usr/bin/chromium ] && { [ "${R1V_INSTALL_CHROMIUM:-0}" = 1 ] || [ "${CI:-}" = true ]; } \
+        && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+        || echo "setup: could not install chromium; the viewer's browser test will be skipped" >&2
+fi
 echo "r1v-edge set up in .venv ($(.venv/bin/r1v --version))"

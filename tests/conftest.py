@@ -1,9 +1,15 @@
 """Shared fixtures: tiny R1V-layout checkpoints, built once per test session."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Models loaded by the tests write llama.cpp states after images to the prefix cache (on by default): keep
+# them out of the user's cache. Set before any test imports the runtime.
+os.environ.setdefault("R1V_PREFIX_CACHE_DIR", tempfile.mkdtemp(prefix="r1v-test-prefix-cache-"))
 
 from r1v.testing import make_tiny_checkpoint
 

@@ -56,7 +56,17 @@ def test_plan_works_on_a_directory_with_only_config(tmp_path):
     assert table.returncode == 0 and "Q4_K_M" in table.stdout
 
 
-def test_demo_runs(tmp_path):
-    result = r1v("demo", "--workdir", str(tmp_path))
+def test_demo_answers_the_bundled_question(tmp_path):
+    """As a new user: the bundled micro-r1v, its GGUF files built into an empty cache, the bundled image and
+    question; the reasoning is shown and the answer is the right one."""
+    import os
+
+    from r1v.micro import demo_question
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "r1v", "demo"], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert "SkyworkR1VChatModel" in result.stdout and (tmp_path / "tiny-r1v" / "config.json").is_file()
+    expected = demo_question()["answer"]
+    assert f"expected answer: {expected} (the model said {expected!r}: correct)" in result.stdout, result.stdout
+    assert "</think>" in result.stdout  # the reasoning is shown (piped: between <think> tags)
+    assert "tok/s" in result.stderr  # timings

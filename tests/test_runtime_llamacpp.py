@@ -325,9 +325,15 @@ def test_corrupt_image_and_unknown_model(model: Model, tmp_path: Path):
         r1v.load("no-such-model-r1v")
 
 
-def test_awq_checkpoint_is_not_implemented_yet(files: Files):
-    with pytest.raises(NotImplementedError, match="r1v convert gguf"):
-        load(files.ckpt)  # a safetensors checkpoint directory
+def test_unquantized_checkpoint_runs_on_the_torch_path(files: Files, reference, tokenizer):
+    """A safetensors checkpoint directory loads too (the torch backend in full precision, the reference of
+    `r1v eval`): the same greedy tokens as the torch model, for text and for an image."""
+    ids, expected = _reference_greedy(reference, tokenizer, QUESTIONS[0], [])
+    image = _image(448, 448, seed=5)
+    _, expected_image = _reference_greedy(reference, tokenizer, QUESTIONS[1], [image])
+    with load(files.ckpt, n_ctx=2048, n_threads=1) as m:
+        assert m.generate(QUESTIONS[0], max_tokens=STEPS, **GREEDY).tokens == expected
+        assert m.generate(QUESTIONS[1], images=[image], max_tokens=STEPS, **GREEDY).tokens == expected_image
 
 
 def test_closed_model_refuses(files: Files):

@@ -5,6 +5,11 @@ bandwidth bound (bandwidth / bytes of weights read per token).
 
 Each side runs in its own child process (clean peak RSS); the sides alternate `rounds` times and the
 median of each figure is reported, so load on the machine affects both alike.
+
+`--repeat N` (`bench_repeat`) measures the prefix cache instead: time to first token for N different questions
+about the same image - the first (vision tower and prefill), the later ones in the same process (the saved
+state restored from memory; the model is reset between questions, so the live KV cache does not serve them)
+and again in a new process (the first from disk) - with a prefix cache directory of its own.
 """
 from __future__ import annotations
 
@@ -118,9 +123,108 @@ def _direct(spec: BenchSpec, prompt: str, n_tokens: int, image_prompt: str | Non
     return out
 
 
+# --- --repeat: the prefix cache -------------------------------------------------------------------------
+
+REPEAT_QUESTIONS = (
+    "How many red circles are in the image?", "What colour is the largest shape?", "Is there a triangle?",
+    "Describe the image in one sentence.", "What is in the top left corner?", "How many shapes are blue?",
+    "Which shape is nearest the centre?", "Are any shapes overlapping?",
+)
+
+
+def _repeat(job: dict[str, Any]) -> dict[str, Any]:
+    from r1v.runtime.api import LoadOptions, load
+
+    options = LoadOptions(mmproj=job["mmproj"], n_ctx=job["n_ctx"], n_threads=job["n_threads"],
+                          n_threads_batch=job["n_threads"], n_batch=job["n_batch"],
+                          flash_attn=job["flash_attn"], max_tiles=job["max_tiles"], prefix_cache_dir=job["cache_dir"])
+    runs = []
+    start = time.perf_counter()
+    with load(job["model"], options) as model:
+        load_seconds = time.perf_counter() - start
+        for i in range(job["repeat"]):
+            model.reset()
+            question = REPEAT_QUESTIONS[(i + job["offset"]) % len(REPEAT_QUESTIONS)]
+            r = model.generate(question, images=[job["image"]], temperature=0, repetition_penalty=1.0,
+                               max_tokens=job["max_tokens"], seed=0)
+            runs.append(dict(time_to_first_token=r.time_to_first_token, image_seconds=r.image_seconds,
+                             prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens,
+                             restored_tokens=r.restored_tokens, tiles=[i.tiles for i in r.images]))
+    return {"load_seconds": load_seconds, "runs": runs}
+
+
+def bench_repeat(model: str, *, image: str, repeat: int = 3, mmproj: str | None = None, quant: str | None = None,
+                 max_tokens: int = 1, n_ctx: int = 8192, n_threads: int | None = None, n_batch: int = 512,
+                 flash_attn: bool = True, max_tiles: int | None = None) -> dict[str, Any]:
+    """TTFT of `repeat` questions about one image: first, later in the same process, then in a new process."""
+    from r1v.runtime.prefix_cache import PrefixStore
+    from r1v.runtime.resolve import resolve_model
+
+    if repeat < 2:
+        raise ValueError(f"--repeat needs at least 2 questions, got {repeat}")
+    resolved = resolve_model(model, quant=quant, mmproj=mmproj)
+    if resolved.format != "gguf" or resolved.mmproj is None:
+        raise ValueError(f"{model}: --repeat measures the llama.cpp prefix cache: it needs a GGUF model with its mmproj")
+    with tempfile.TemporaryDirectory(prefix="r1v-bench-repeat-") as tmp:
+        workdir = Path(tmp)
+        job = {"model": str(resolved.path), "mmproj": str(resolved.mmproj), "image": str(image), "repeat": repeat,
+               "max_tokens": max_tokens, "n_ctx": n_ctx, "n_threads": n_threads, "n_batch": n_batch,
+               "flash_attn": flash_attn, "max_tiles": max_tiles, "cache_dir": str(workdir / "prefix-cache")}
+        first, rss1 = _run_side("repeat", {**job, "offset": 0}, workdir)
+        second, rss2 = _run_side("repeat", {**job, "offset": repeat}, workdir)  # other questions: only the image shared
+        entries = PrefixStore(workdir / "prefix-cache").entries()
+    cold = first["runs"][0]
+    in_process = [r["time_to_first_token"] for r in first["runs"][1:]]
+    from_disk = second["runs"][0]
+    if from_disk["restored_tokens"] == 0 or any(r["restored_tokens"] == 0 for r in first["runs"][1:]):
+        raise RuntimeError("the prefix cache did not serve the later questions")
+
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 1) if b else 0.0
+
+    later = statistics.median(in_process)
+    return {
+        "model": str(resolved.path), "mmproj": str(resolved.mmproj), "image": str(image), "repeat": repeat,
+        "tiles": cold["tiles"], "prompt_tokens": cold["prompt_tokens"],
+        "restored_tokens": from_disk["restored_tokens"],
+        "entry_bytes": sum(e.size for e in entries),
+        "first": {"time_to_first_token": round(cold["time_to_first_token"], 4),
+                  "image_seconds": round(cold["image_seconds"], 4)},
+        "later_in_process": [round(t, 4) for t in in_process],
+        "new_process": [round(r["time_to_first_token"], 4) for r in second["runs"]],
+        "from_disk": {"time_to_first_token": round(from_disk["time_to_first_token"], 4)},
+        "load_seconds": [round(first["load_seconds"], 3), round(second["load_seconds"], 3)],
+        "peak_rss_mb": [round(rss1, 1), round(rss2, 1)],
+        "ratios": {"first_over_later_in_process": ratio(cold["time_to_first_token"], later),
+                   "first_over_from_disk": ratio(cold["time_to_first_token"], from_disk["time_to_first_token"])},
+    }
+
+
+def format_repeat(results: dict[str, Any]) -> str:
+    first, ratios = results["first"], results["ratios"]
+    later = ", ".join(f"{t:.3f}" for t in results["later_in_process"])
+    return "\n".join([
+        f"{results['model']} + {Path(results['mmproj']).name}",
+        f"image {results['image']}: {'+'.join(map(str, results['tiles']))} tile(s), prompt {results['prompt_tokens']} "
+        f"tokens, {results['restored_tokens']} restored from the prefix cache ({results['entry_bytes'] / 1e6:.1f} MB)",
+        "",
+        f"{'time to first token':<44}{'s':>10}",
+        f"{'first question (vision tower + prefill)':<44}{first['time_to_first_token']:>10.3f}",
+        f"{'later questions, same process':<44}{later:>10}" if "," not in later else
+        f"{'later questions, same process':<34}{later:>20}",
+        f"{'first question in a new process (disk)':<44}{results['from_disk']['time_to_first_token']:>10.3f}",
+        "",
+        f"first / later in process: {ratios['first_over_later_in_process']:.1f}x; "
+        f"first / from disk: {ratios['first_over_from_disk']:.1f}x",
+    ])
+
+
 def _worker_main(argv: list[str]) -> None:
     side, spec_file, out_file = argv
     job = json.loads(Path(spec_file).read_text())
+    if side == "repeat":
+        Path(out_file).write_text(json.dumps(_repeat(job)))
+        return
     spec = BenchSpec(**job["spec"])
     result = _ours(spec) if side == "ours" else _direct(spec, job["prompt"], job["n_tokens"], job["image_prompt"])
     Path(out_file).write_text(json.dumps(result))

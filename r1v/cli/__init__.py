@@ -20,6 +20,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo_cmd", "run the main job on the bundled default model"),
     "generate": ("generate_cmd", "answer a question about images with a model, streaming to the terminal"),
     "chat": ("chat_cmd", "chat with a model interactively (/image PATH attaches an image, /reset starts over)"),
+    "cache": ("cache_cmd", "the prefix cache of prompts with images: `r1v cache ls` / `r1v cache clear`"),
+    "serve": ("serve_cmd", "serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions)"),
+    "batch": ("batch_cmd", "answer a JSONL file of {image, question} items, resumably (Skywork's r1v4 format)"),
+    "view": ("view_cmd", "a local web page of `r1v batch` results: image, question, reasoning rounds, answer"),
+    "micro-data": ("micro_data_cmd", "write items of the micro-r1v visual reasoning task (JSONL + PNGs)"),
+    "train-micro": ("train_micro_cmd", "train the micro-r1v demo model on CPU and write its checkpoint"),
+    "eval": ("eval_cmd", "exact-match accuracy of a model over a JSONL of questions; KL and top-1 agreement to a reference"),
 }
 
 

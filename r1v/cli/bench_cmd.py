@@ -28,11 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--workdir", type=Path, default=None, help="keep generated files here")
     convert.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    generate = jobs.add_parser("generate", help="our runtime vs llama-cpp-python directly, same GGUF files",
-                               description="Prefill/decode tokens/s, time to first token and peak RSS of our "
-                                           "runtime next to llama-cpp-python used directly, alternating rounds; "
-                                           "decode as a fraction of the memory bandwidth bound.")
-    generate.add_argument("model", help="GGUF file, directory or model name")
+    generate = jobs.add_parser("generate", help="GGUF: our runtime vs llama-cpp-python; AWQ: 4-bit vs fp16",
+                               description="Prefill/decode tokens/s, time to first token and peak memory, "
+                                           "alternating rounds; decode as a fraction of the memory bandwidth bound. "
+                                           "A GGUF model runs next to llama-cpp-python used directly on the same "
+                                           "files; an AWQ checkpoint next to the same model dequantized to fp16.")
+    generate.add_argument("model", help="GGUF file, AWQ checkpoint directory, or model name")
     generate.add_argument("--mmproj", default=None, help="projector file when not beside the model")
     generate.add_argument("--image", default=None, help="image for the image-prompt figures (448x448 is one tile)")
     generate.add_argument("--quant", default=None, help="GGUF quant when the source holds several")
@@ -44,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generate.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
                           help="flash attention off on both sides (default: on for both)")
     generate.add_argument("--rounds", type=int, default=3, help="alternating rounds per side (medians reported)")
+    generate.add_argument("--repeat", type=int, default=None, metavar="N",
+                          help="instead: the prefix cache - time to first token for N questions about --image, the "
+                               "first vs later ones in the same process and in a new process (from disk)")
+    generate.add_argument("--max-tiles", type=int, default=None, help="with --repeat: most tiles for the image")
+    generate.add_argument("--device", default=None, help="AWQ: cuda, cuda:N or cpu (default: CUDA when present)")
+    generate.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"],
+                          help="AWQ: the 4-bit side's kernels (default: Triton on CUDA, else torch)")
     generate.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
@@ -52,6 +60,23 @@ def run(args: argparse.Namespace) -> int:
         from r1v.bench.convert import bench_convert, format_results
 
         results = bench_convert(args.layers, args.scale, args.llama_cpp_dir, args.workdir)
+    elif args.repeat is not None:
+        from r1v.bench.generate import bench_repeat, format_repeat
+
+        if not args.image:
+            raise ValueError("--repeat needs --image IMG (the image the questions are about)")
+        results = bench_repeat(args.model, image=args.image, repeat=args.repeat, mmproj=args.mmproj, quant=args.quant,
+                               n_ctx=args.n_ctx, n_threads=args.n_threads, n_batch=args.n_batch,
+                               flash_attn=args.flash_attn, max_tiles=args.max_tiles)
+        print(json.dumps(results, indent=2) if args.json else format_repeat(results))
+        return 0
+    elif _is_awq(args.model, args.quant):
+        from r1v.bench.generate_awq import bench_generate_awq, format_results
+
+        results = bench_generate_awq(args.model, image=args.image, prompt_repeats=args.prompt_repeats,
+                                     max_tokens=args.max_tokens, n_ctx=args.n_ctx, n_batch=args.n_batch,
+                                     n_threads=args.n_threads, device=args.device, kernel=args.kernel,
+                                     rounds=args.rounds)
     else:
         from r1v.bench.generate import bench_generate, format_results
 
@@ -61,3 +86,9 @@ def run(args: argparse.Namespace) -> int:
                                  rounds=args.rounds)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0
+
+
+def _is_awq(model: str, quant: str | None) -> bool:
+    from r1v.runtime.resolve import resolve_model
+
+    return resolve_model(model, quant=quant).format == "awq"

@@ -1,29 +1,36 @@
-"""`r1v demo`: the main job on the bundled default model.
+"""`r1v demo`: the main job on the bundled default model — micro-r1v, trained here on a visual reasoning
+task — answering the bundled question about the bundled image, with its reasoning and timings.
 
-Until the runtime lands, the demo builds the tiny R1V-layout checkpoint, then inspects and plans it.
-"""
+The first run builds the model's GGUF files from the shipped checkpoint (seconds); no download."""
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
-
-
-def default_workdir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "r1v" / "demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", type=Path, default=None, help="where the demo checkpoint is written")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quant", default="q8_0", choices=("f16", "q8_0", "q4_k_m", "awq"),
+                        help="GGUF type to run, or awq (4-bit AWQ on the torch path)")
+    parser.add_argument("--image", default=None, help="another image (default: the bundled one)")
+    parser.add_argument("--prompt", "-p", default=None, help="another question (default: the bundled one)")
+    parser.add_argument("--hide-reasoning", dest="show_reasoning", action="store_false",
+                        help="print only the answer")
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1v.cli.inspect_cmd import run as inspect_run
-    from r1v.testing import make_tiny_checkpoint
+    from r1v.cli.generate_cmd import print_stream, report
+    from r1v.micro import NAME, demo_image_path, demo_question
+    from r1v.runtime.api import load
+    from r1v.runtime.reasoning import final_answer
 
-    workdir = args.workdir or default_workdir()
-    path = make_tiny_checkpoint(workdir / "tiny-r1v", vit="6b", seed=args.seed)
-    print(f"built a tiny Skywork-R1V-layout checkpoint at {path}\n")
-    return inspect_run(argparse.Namespace(path=str(path), fallback_template=None, json=False))
+    bundled = demo_question()
+    image = args.image or str(demo_image_path())
+    question = args.prompt or bundled["question"]
+    print(f"model: {NAME} ({args.quant})\nimage: {image}\nquestion: {question}\n")
+    with load(NAME, quant=args.quant) as model:
+        result = print_stream(model.stream(question, images=[image], temperature=0), args.show_reasoning)
+    report(result, args.show_reasoning)
+    if question == bundled["question"] and image == str(demo_image_path()):
+        answer = final_answer(result.text)
+        verdict = "correct" if answer == bundled["answer"] else "wrong"
+        print(f"\nexpected answer: {bundled['answer']} (the model said {answer!r}: {verdict})")
+    return 0

@@ -25,6 +25,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--n-threads-batch", type=int, default=None, help="prompt/image threads (default: all CPUs)")
     load.add_argument("--n-batch", type=int, default=512, help="prompt tokens per llama.cpp batch")
     load.add_argument("--max-tiles", type=int, default=None, help="most 448-pixel tiles per image (default: model's)")
+    load.add_argument("--image-budget", type=float, default=None, metavar="SECONDS",
+                      help="time the prompt may take before the first token: images get the largest max_tiles whose "
+                           "estimate fits (this machine's rates, measured once per model)")
+    load.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
+                      help="neither reuse nor store model states after images (`r1v cache ls`)")
+    load.add_argument("--prefix-cache-dir", default=None,
+                      help="prefix cache directory (default $R1V_PREFIX_CACHE_DIR, else ~/.cache/r1v/prefix-cache)")
     load.add_argument("--tiling", choices=("internvl", "llamacpp"), default="internvl",
                       help="image tiling: InternVL's (as trained, default) or libmtmd's own")
     load.add_argument("--chat-template", default=None, help="bundled template name, .jinja file or Jinja text")
@@ -55,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 LOAD_FIELDS = ("quant", "mmproj", "n_ctx", "n_threads", "n_threads_batch", "n_batch", "max_tiles", "tiling",
-               "chat_template", "cache_dir", "offline", "verbose")
+               "chat_template", "cache_dir", "offline", "verbose", "image_budget", "prefix_cache", "prefix_cache_dir")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop")
 
 
@@ -123,6 +130,11 @@ def print_stream(chunks: Iterable[Any], show_reasoning: bool, out: TextIO = sys.
 
 def report(result: Any, show_reasoning: bool) -> None:
     print(result.summary(), file=sys.stderr)
+    estimate = getattr(result, "estimated_prefill_seconds", None)
+    if estimate is not None:
+        tiles = ", ".join(str(i.tiles) for i in result.images)
+        print(f"image budget: {tiles} tile(s); prompt estimated {estimate:.2f} s, took {result.prefill_seconds:.2f} s",
+              file=sys.stderr)
     if not result.content and result.reasoning and not show_reasoning:
         print("(no answer: the model was still reasoning when it stopped; raise --max-tokens or --n-ctx, or pass "
               "--show-reasoning to see its reasoning)", file=sys.stderr)

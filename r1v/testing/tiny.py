@@ -6,7 +6,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -120,11 +120,12 @@ def _random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) 
     return rng.standard_normal(shape) / np.sqrt(fan_in)
 
 
-def _write_shards(
-    out: Path, shapes: dict[str, tuple[int, ...]], rng: np.random.Generator, dtype: str, max_shard_bytes: int
+def write_shards(
+    out: Path, shapes: dict[str, tuple[int, ...]], produce: Callable[[str], np.ndarray], dtype: str,
+    max_shard_bytes: int,
 ) -> None:
-    """Generate and write the weights shard by shard, so a multi-GB benchmark checkpoint needs only one
-    shard in memory. Tensors are drawn in name order, so the content depends only on the seed."""
+    """Write `model-0000i-of-0000n.safetensors` shards + index in the order of `shapes`, asking `produce`
+    for each tensor as its shard is written, so a multi-GB benchmark checkpoint needs one shard in memory."""
     itemsize = 4 if dtype == "F32" else 2
     shards: list[list[str]] = [[]]
     size = 0
@@ -138,7 +139,7 @@ def _write_shards(
     weight_map: dict[str, str] = {}
     for i, names in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: (dtype, _random_tensor(rng, n, shapes[n]).astype(np.float32)) for n in names}
+        tensors = {n: (dtype, np.asarray(produce(n), np.float32)) for n in names}
         write_safetensors(out / file, tensors, {"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
     total = sum(int(np.prod(shape)) * itemsize for shape in shapes.values())
@@ -179,8 +180,9 @@ def make_tiny_checkpoint(
         vocab_size = -(-n_tokens // 64) * 64  # padded like Qwen's embedding table
         config = tiny_config(spec, vit, vocab_size, special)
         cfg = parse_config(config, str(tmp / "config.json"))
-        rng = np.random.default_rng(seed)
-        _write_shards(tmp, cfg.family.expected_shapes(cfg), rng, DTYPES[dtype], spec.max_shard_bytes)
+        rng = np.random.default_rng(seed)  # tensors drawn in name order: the content depends only on the seed
+        shapes = cfg.family.expected_shapes(cfg)
+        write_shards(tmp, shapes, lambda n: _random_tensor(rng, n, shapes[n]), DTYPES[dtype], spec.max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_tokenizer_config(tmp, tokenizer)

@@ -5,6 +5,8 @@ pre-tokenizer splits text the same way; trained on a fixed corpus, so it is dete
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 # Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2 / Qwen2.5 / R1V).
 QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -30,7 +32,11 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 512):  # -> tokenizers.Tokenizer (import kept local: optional dep)
+def build_tokenizer(vocab_size: int = 512, corpus: Iterable[str] | None = None):  # -> tokenizers.Tokenizer
+    """Train the BPE on `corpus` (default: a fixed mixed-text corpus) and add the R1V special tokens.
+
+    The default output is fixed: tests compare it byte for byte. (tokenizers is imported here, not at the
+    top: it is an optional dependency.)"""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -45,7 +51,7 @@ def build_tokenizer(vocab_size: int = 512):  # -> tokenizers.Tokenizer (import k
         show_progress=False,
         special_tokens=[],
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer.train_from_iterator(_CORPUS * 4 if corpus is None else list(corpus), trainer=trainer)
     for token in CHATML_SPECIAL_TOKENS:  # one at a time so ids follow the list order, as in Qwen's vocab
         special = token not in NON_SPECIAL
         added = AddedToken(token, special=special, normalized=False)

@@ -11,6 +11,18 @@ KV cache: the backend remembers what sits in the cache position by position (tok
 evaluates only what follows; image embeddings are encoded only for images that are not in the kept prefix,
 and kept (a few images, LRU) for later requests.
 
+Prefix cache (`LoadOptions.prefix_cache`, `r1v.runtime.prefix_cache`): after the last image of a prompt is
+evaluated, the sequence state up to the end of that image (llama.cpp's `llama_state_seq_get_data`) is kept in
+memory and written to disk in the background, keyed by the model files, the context settings, the tokens and
+the images (pixels and tiling) before it. A later request - in this process after other conversations, or in
+another process - whose prompt starts with the same prefix restores it (`llama_state_seq_set_data`) instead
+of encoding and prefilling the images. The prefix ends at an image segment's end, where prompt evaluation
+starts a new batch anyway, so the restored cache holds exactly the numbers a fresh evaluation computes and
+greedy outputs are the same with and without it.
+
+Tile budget (`LoadOptions.image_budget`, or per request): the largest max_tiles whose estimated prompt time
+fits, from this machine's measured encode and prefill rates (`r1v.runtime.tile_budget`).
+
 Sampling: llama.cpp's sampler chain - penalties, top-k, top-p, min-p, temperature, seeded distribution, or
 greedy at temperature 0 - run by llama.cpp on the logits of the last position (`llama_sampler_sample`).
 
@@ -20,9 +32,12 @@ R1V's 152k vocabulary) and evaluates through a slower Python path.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
+import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +51,9 @@ from ..api import ContextOverflowError, LoadOptions, NoProjectorError, SamplingP
 from ..image import TilingConfig, choose_grid, load_image, tile_image
 from ..llama_batch import DecodeError, LlamaBatch, decode
 from ..mtmd import MtmdContext, MtmdError, TextModel, rgb_array
+from ..prefix_cache import (DEFAULT_MAX_BYTES, PrefixCacheWarning, PrefixHasher, PrefixStore, default_cache_dir,
+                            file_identity)
+from ..tile_budget import RATES_FILE, CostModel, Rates, RateStore, TileChoice, measure_rates, pick_tiles
 
 __all__ = ["LlamaCppBackend"]
 
@@ -58,6 +76,7 @@ class _ImageSlot:
     grid: tuple[int, int] | None
     tiles: int
     n_positions: int
+    tiling: TilingConfig | None = None  # InternVL tiling: how to cut it
 
 
 @dataclass
@@ -67,6 +86,8 @@ class Prompt:
     segments: list[list[int] | _ImageSlot]
     items: list[Any]
     image_positions: int = 0
+    prefix_points: list[tuple[int, str]] = field(default_factory=list)  # (end of an image, prefix cache key)
+    tile_choice: TileChoice | None = None  # what the image budget chose
 
     @property
     def n_positions(self) -> int:
@@ -81,6 +102,8 @@ class Prompt:
 class RunStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    restored_tokens: int = 0
+    estimated_prefill_seconds: float | None = None
     prefill_seconds: float = 0.0
     image_seconds: float = 0.0
     time_to_first_token: float = 0.0
@@ -93,7 +116,9 @@ class _Run:
     """An accepted request: iterate to evaluate the prompt and sample; `stats` fill in as it goes."""
 
     def __init__(self, backend: LlamaCppBackend, prompt: Prompt, params: SamplingParams, max_new: int):
-        self.stats = RunStats(prompt_tokens=prompt.n_positions, images=prompt.images)
+        self.stats = RunStats(prompt_tokens=prompt.n_positions, images=prompt.images,
+                              estimated_prefill_seconds=prompt.tile_choice.estimated_seconds
+                              if prompt.tile_choice is not None else None)
         self._gen = backend._generate(prompt, params, max_new, self.stats)
 
     def __iter__(self) -> Iterator[tuple[int, bytes, bool]]:
@@ -116,6 +141,9 @@ class LlamaCppBackend:
         self._ctx = None
         self._batch: LlamaBatch | None = None
         self._embd_batch: LlamaBatch | None = None
+        self._prefix: PrefixStore | None = None
+        self._writers: list[threading.Thread] = []
+        self._rates: Rates | None = None
         self._text = TextModel(self.path, verbose=options.verbose)  # MtmdError if llama.cpp cannot load it
         try:
             self._open(options)
@@ -156,10 +184,14 @@ class LlamaCppBackend:
                               "eos_token": self._token_text(_ll.llama_vocab_eos(self._vocab))}
         self._bos = int(_ll.llama_vocab_bos(self._vocab))
         self._add_bos = bool(_ll.llama_vocab_get_add_bos(self._vocab)) and self._bos >= 0
-        if options.tiling == "llamacpp" and options.max_tiles is not None:
-            raise ValueError("max_tiles applies to tiling='internvl'; libmtmd decides its own tiles")
+        if options.tiling == "llamacpp" and (options.max_tiles is not None or options.image_budget is not None):
+            raise ValueError("max_tiles and image_budget apply to tiling='internvl'; libmtmd decides its own tiles")
         if self.mmproj_path is not None:
             self._open_vision(options)
+            if options.prefix_cache:
+                self._open_prefix_cache(options)
+            if options.image_budget is not None:
+                self.rates()  # measured now (once per machine and model) rather than in the first request
 
     def _open_vision(self, options: LoadOptions) -> None:
         import gguf
@@ -192,6 +224,167 @@ class LlamaCppBackend:
                                  "R1V language model")
             self._img_tokens.append(ids[0])
         self._embd_batch = LlamaBatch(self.n_batch, self.n_embd)
+        model = self._text.model
+        n_params, n_vocab = float(_ll.llama_model_n_params(model)), self.n_vocab
+        self.cost_model = CostModel(
+            tokens_per_tile=self.tokens_per_tile,
+            linear_flops_per_position=2 * max(n_params - 2 * n_vocab * self.n_embd, n_params / 2),
+            attention_flops_per_pair=4.0 * int(_ll.llama_model_n_embd(model)) * int(_ll.llama_model_n_layer(model)))
+
+    # --- prefix cache and tile budget ------------------------------------------------------------------
+    def _cache_dir(self) -> Path:
+        return Path(self.options.prefix_cache_dir) if self.options.prefix_cache_dir else default_cache_dir()
+
+    def _open_prefix_cache(self, options: LoadOptions) -> None:
+        max_bytes = DEFAULT_MAX_BYTES if options.prefix_cache_max_bytes is None else options.prefix_cache_max_bytes
+        self._prefix = PrefixStore(self._cache_dir(), max_bytes=max_bytes)
+        import llama_cpp
+
+        self._prefix_context = {  # everything besides the prompt that the saved numbers depend on
+            "model": file_identity(self.path), "mmproj": file_identity(self.mmproj_path),
+            "llama_cpp": llama_cpp.__version__, "n_batch": self.n_batch, "n_ubatch": min(self.n_batch, 512),
+            "flash_attn": options.flash_attn, "tiling": options.tiling,
+        }
+
+    def _prefix_points(self, segments: list[list[int] | _ImageSlot]) -> list[tuple[int, str]]:
+        hasher, pos, points = PrefixHasher(self._prefix_context), 0, []
+        for segment in segments:
+            if isinstance(segment, _ImageSlot):
+                hasher.image(segment.key)
+                pos += segment.n_positions
+                points.append((pos, hasher.key()))
+            else:
+                hasher.tokens(segment)
+                pos += len(segment)
+        return points
+
+    def _restore_prefix(self, prompt: Prompt, keep: int) -> int:
+        """Restore the longest saved prefix of `prompt` longer than `keep`; the positions now in the cache."""
+        for end, key in reversed(prompt.prefix_points):
+            if end <= keep:
+                break
+            payload = self._prefix.get(key)
+            if payload is None:
+                continue
+            _ll.llama_memory_seq_rm(self._memory, 0, -1, -1)
+            self._kv.clear()
+            if isinstance(payload, bytearray):  # saved by this process: no copy either way
+                data = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
+            else:
+                data = ctypes.cast(ctypes.c_char_p(payload), ctypes.POINTER(ctypes.c_uint8))
+            read = _ll.llama_state_seq_set_data(self._ctx, data, len(payload), 0)
+            del data
+            if read == len(payload) and _ll.llama_memory_seq_pos_max(self._memory, 0) == end - 1:
+                self._kv = list(prompt.items[:end])
+                return end
+            warnings.warn(f"prefix cache: llama.cpp could not restore entry {key[:16]}... ({read} of "
+                          f"{len(payload)} bytes read); it will be recomputed", PrefixCacheWarning, stacklevel=2)
+            self._prefix.discard(key)
+            _ll.llama_memory_clear(self._memory, True)
+            keep = 0
+        return keep
+
+    def _save_prefix(self, prompt: Prompt, end: int, key: str) -> None:
+        """Keep the state of positions 0 .. end-1 (all the cache holds now) and write it to disk in the
+        background."""
+        size = int(_ll.llama_state_seq_get_size(self._ctx, 0))
+        payload = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(payload)
+        written = int(_ll.llama_state_seq_get_data(self._ctx, view, size, 0))
+        del view
+        if written <= 0:
+            return
+        if written < size:
+            del payload[written:]
+        self._prefix.remember(key, payload)
+        meta = {"model": self.path.name, "mmproj": self.mmproj_path.name, "positions": end,
+                "images": sum(1 for p, _ in prompt.prefix_points if p <= end)}
+        self._writers = [t for t in self._writers if t.is_alive()]
+        writer = threading.Thread(target=self._write_entry, args=(key, payload, meta), name="r1v-prefix-cache")
+        writer.start()
+        self._writers.append(writer)
+
+    def _write_entry(self, key: str, payload: bytes | bytearray, meta: dict[str, Any]) -> None:
+        try:
+            self._prefix.write(key, payload, meta)
+        except OSError as e:
+            warnings.warn(f"prefix cache: could not write an entry to {self._prefix.directory} ({e})",
+                          PrefixCacheWarning, stacklevel=1)
+
+    def wait_for_writes(self) -> None:
+        """Block until prefix cache entries being written in the background are on disk."""
+        for writer in self._writers:
+            writer.join()
+        self._writers.clear()
+
+    def _rate_signature(self) -> str:
+        return "|".join([file_identity(self.path), file_identity(self.mmproj_path), f"threads={self.n_threads_batch}",
+                         f"batch={self.n_batch}", f"flash_attn={self.options.flash_attn}"])
+
+    def rates(self) -> Rates:
+        """This machine's encode and prefill rates for this model: stored beside the prefix cache, measured
+        (one tile encoded, its positions prefilled: a few seconds for R1V-size models is minutes) when absent.
+        Measuring empties the KV cache."""
+        if self._rates is None:
+            store = RateStore(self._cache_dir() / RATES_FILE)
+            signature = self._rate_signature()
+            rates = store.get(signature)
+            if rates is None:
+                rates = self._measure_rates()
+                try:
+                    store.put(signature, rates)
+                except OSError as e:
+                    warnings.warn(f"tile budget: could not store the measured rates in {store.path} ({e})",
+                                  PrefixCacheWarning, stacklevel=2)
+            self._rates = rates
+        return self._rates
+
+    def _measure_rates(self) -> Rates:
+        size = self.tiling.image_size
+        yy, xx = np.mgrid[0:size, 0:size]
+        pattern = np.stack([np.sin(xx / 37.0), np.cos(yy / 23.0), np.sin((xx + yy) / 61.0)], -1) * 0.4 + 0.5
+        from PIL import Image
+
+        tile = Image.fromarray((pattern * 255).astype(np.uint8))
+        out: list[np.ndarray] = []
+        self.reset()
+
+        def prefill() -> tuple[int, int]:
+            embeddings = out[0]
+            for begin in range(0, len(embeddings), self.n_batch):
+                end = min(begin + self.n_batch, len(embeddings))
+                self._embd_batch.set_embeddings(embeddings[begin:end], begin, end == len(embeddings))
+                decode(self._ctx, self._embd_batch)
+            return 0, len(embeddings)
+
+        try:
+            self._embd_batch.set_embeddings(np.zeros((8, self.n_embd), np.float32), 0, True)
+            decode(self._ctx, self._embd_batch)  # pages the weights in (they are memory-mapped)
+            _ll.llama_memory_clear(self._memory, True)
+            return measure_rates(lambda: out.append(self._encode_tile(tile)), prefill, self.cost_model)
+        finally:
+            _ll.llama_memory_clear(self._memory, True)
+
+    def _request_tiling(self, sizes: list[tuple[int, int]], text_tokens: int, max_tiles: int | None,
+                        image_budget: float | None) -> tuple[TilingConfig | None, TileChoice | None]:
+        if not sizes:
+            return None, None
+        cfg = self.tiling
+        budget = image_budget if image_budget is not None else self.options.image_budget
+        if self.options.tiling != "internvl":
+            if max_tiles is not None or image_budget is not None:
+                raise ValueError("max_tiles and image_budget apply to tiling='internvl'; libmtmd decides its own "
+                                 "tiles")
+            return cfg, None
+        if max_tiles is not None:
+            if max_tiles < 1:
+                raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+            cfg = dataclasses.replace(cfg, max_tiles=max_tiles, min_tiles=min(cfg.min_tiles, max_tiles))
+        if budget is None:
+            return cfg, None
+        choice = pick_tiles(sizes, budget, self.rates(), self.cost_model, cfg, text_tokens)
+        return dataclasses.replace(cfg, max_tiles=choice.max_tiles, min_tiles=min(cfg.min_tiles, choice.max_tiles)), \
+            choice
 
     # --- vocabulary ---------------------------------------------------------------------------------
     def _token_text(self, token: int) -> str:
@@ -233,9 +426,11 @@ class LlamaCppBackend:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
     # --- prompts ------------------------------------------------------------------------------------
-    def prepare(self, pieces: Sequence[str], images: Sequence[Any]) -> Prompt:
+    def prepare(self, pieces: Sequence[str], images: Sequence[Any], *, max_tiles: int | None = None,
+                image_budget: float | None = None) -> Prompt:
         """Tokenize the text pieces, load the images and lay them out (tile counts, positions); no model
-        work yet."""
+        work yet (except measuring this machine's rates once, for a first image budget). `max_tiles` and
+        `image_budget` (seconds) override the load options for this prompt."""
         self._live()
         if len(pieces) != len(images) + 1:
             raise ValueError(f"{len(pieces)} text pieces for {len(images)} images")
@@ -244,39 +439,45 @@ class LlamaCppBackend:
                 f"{len(images)} image(s) given, but {self.path.name} was loaded without a vision projector: no "
                 f"mmproj file was found beside it in {self.path.parent}. Put the matching mmproj-*.gguf there or "
                 f"pass mmproj=PATH to load() (--mmproj PATH on the command line).")
-        slots = [self._slot(source) for source in images]
-        segments: list[list[int] | _ImageSlot] = []
-        items: list[Any] = []
+        loaded = [load_image(source, self.tiling) for source in images]  # ImageError naming the source
+        texts = []
         for i, text in enumerate(pieces):
             ids = self.tokenize(text)
             if i == 0 and self._add_bos and (not ids or ids[0] != self._bos):
                 ids.insert(0, self._bos)
             if i > 0:
                 ids.insert(0, self._img_tokens[1])
-            if i < len(slots):
+            if i < len(loaded):
                 ids.append(self._img_tokens[0])
+            texts.append(ids)
+        tiling, choice = self._request_tiling([im.size for im in loaded], sum(map(len, texts)), max_tiles,
+                                              image_budget)
+        slots = [self._slot(image, tiling) for image in loaded]
+        segments: list[list[int] | _ImageSlot] = []
+        items: list[Any] = []
+        for i, ids in enumerate(texts):
             segments.append(ids)
             items.extend(ids)
             if i < len(slots):
                 slot = slots[i]
                 segments.append(slot)
                 items.extend((slot.key, j) for j in range(slot.n_positions))
-        return Prompt(segments, items, sum(s.n_positions for s in slots))
+        points = self._prefix_points(segments) if self._prefix is not None and slots else []
+        return Prompt(segments, items, sum(s.n_positions for s in slots), points, choice)
 
-    def _slot(self, source: Any) -> _ImageSlot:
-        image = load_image(source, self.tiling)  # ImageError naming the source
+    def _slot(self, image: Any, tiling: TilingConfig) -> _ImageSlot:
         width, height = image.size
         digest = hashlib.blake2b(image.tobytes(), digest_size=16)
         digest.update(f"{width}x{height}".encode())
         mode = self.options.tiling
-        key = (digest.hexdigest(), mode, self.tiling.max_tiles)
         if mode == "internvl":
-            grid = choose_grid(width, height, self.tiling)
+            grid = choose_grid(width, height, tiling)
             tiles = grid[0] * grid[1]
-            tiles += int(self.tiling.use_thumbnail and tiles != 1)
-            return _ImageSlot(key, image, grid, tiles, tiles * self.tokens_per_tile)
+            tiles += int(tiling.use_thumbnail and tiles != 1)
+            key = (digest.hexdigest(), mode, grid, tiling.use_thumbnail)  # the tiles follow from the grid
+            return _ImageSlot(key, image, grid, tiles, tiles * self.tokens_per_tile, tiling)
         layout = self._mtmd.layout_for_size(width, height)
-        return _ImageSlot(key, image, layout.grid, layout.n_tiles, layout.n_tokens)
+        return _ImageSlot((digest.hexdigest(), mode), image, layout.grid, layout.n_tiles, layout.n_tokens)
 
     def _embeddings(self, slot: _ImageSlot) -> np.ndarray:
         """[n_positions, n_embd] float32 projector output of one image (cached by pixels and tiling)."""
@@ -286,7 +487,7 @@ class LlamaCppBackend:
             return cached
         assert self._mtmd is not None
         if self.options.tiling == "internvl":
-            embeddings = np.concatenate([self._encode_tile(t) for t in tile_image(slot.image, self.tiling)])
+            embeddings = np.concatenate([self._encode_tile(t) for t in tile_image(slot.image, slot.tiling)])
         else:
             embeddings = self._mtmd.embed_image(rgb_array(slot.image)).embeddings.reshape(-1, self.n_embd)
         if embeddings.shape != (slot.n_positions, self.n_embd):
@@ -351,6 +552,12 @@ class LlamaCppBackend:
         self._truncate(keep)
         keep = len(self._kv)
         stats.cached_tokens = keep
+        if prompt.prefix_points and self._prefix is not None:
+            restored = self._restore_prefix(prompt, keep)
+            if restored != keep:
+                stats.cached_tokens = min(keep, restored)
+                stats.restored_tokens = restored - stats.cached_tokens
+                keep = restored
 
         embeddings: dict[int, np.ndarray] = {}
         pos = 0
@@ -391,6 +598,7 @@ class LlamaCppBackend:
     def _evaluate(self, prompt: Prompt, embeddings: dict[int, np.ndarray], keep: int) -> None:
         """Decode the prompt from position `keep` on, in batches; logits for the last position only."""
         last = prompt.n_positions - 1
+        save = prompt.prefix_points[-1] if prompt.prefix_points and prompt.prefix_points[-1][0] > keep else None
         pos = 0
         for i, segment in enumerate(prompt.segments):
             image = isinstance(segment, _ImageSlot)
@@ -405,6 +613,37 @@ class LlamaCppBackend:
                     self._batch.set_tokens(segment[begin:end], pos + begin, logits)
                     self._decode(self._batch, segment[begin:end])
             pos += n
+            if save is not None and pos == save[0] and len(self._kv) == pos:
+                self._save_prefix(prompt, *save)  # the last image's end: a batch boundary in every evaluation
+
+    # --- scoring (r1v eval) ---------------------------------------------------------------------------
+    def logprobs(self, prompt: Prompt, tokens: Sequence[int]) -> np.ndarray:
+        """Teacher forcing: float32 log-probabilities [len(tokens), n_vocab], row i the distribution after the
+        prompt and tokens[:i]. Evaluates from an empty cache (the cache then holds the prompt and tokens)."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            return np.zeros((0, self.n_vocab), np.float32)
+        n = prompt.n_positions + len(tokens) - 1
+        if n > self.n_ctx:
+            raise ContextOverflowError(f"scoring needs {n} positions, but the context window is {self.n_ctx} "
+                                       "tokens (n_ctx)", prompt_tokens=n, n_ctx=self.n_ctx)
+        self.reset()
+        embeddings = {i: self._embeddings(s) for i, s in enumerate(prompt.segments) if isinstance(s, _ImageSlot)}
+        self._evaluate(prompt, embeddings, 0)
+        rows = [self._logits_row(-1)]
+        rest = tokens[:-1]
+        for begin in range(0, len(rest), self.n_batch):
+            chunk = rest[begin:begin + self.n_batch]
+            self._batch.set_tokens(chunk, len(self._kv), logits_all=True)
+            self._decode(self._batch, chunk)
+            rows.extend(self._logits_row(j) for j in range(len(chunk)))
+        logits = np.stack(rows).astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        return (logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+    def _logits_row(self, i: int) -> np.ndarray:
+        pointer = _ll.llama_get_logits_ith(self._ctx, i)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
 
     def _decode(self, batch: LlamaBatch, items: Sequence[Any]) -> None:
         try:
@@ -433,6 +672,8 @@ class LlamaCppBackend:
         return self._ctx
 
     def close(self) -> None:
+        for writer in getattr(self, "_writers", ()):
+            writer.join()
         if self._mtmd is not None:
             self._mtmd.close()
             self._mtmd = None

@@ -1,0 +1,78 @@
+"""`r1v serve MODEL`: an OpenAI-compatible server (`/v1/chat/completions`, `/v1/models`, `/health`).
+
+Flags are `r1v.load`'s (LoadOptions) and `ServerConfig`'s. Each of --max-concurrency slots loads the model once
+(GGUF weights are memory-mapped, so the copies share them; each has its own context). Needs the `server` extra
+(FastAPI, uvicorn).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from r1v.cli.generate_cmd import add_model_arguments, load_options
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    server = parser.add_argument_group("server (ServerConfig)")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key", default=os.environ.get("R1V_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $R1V_API_KEY, else none)")
+    server.add_argument("--max-concurrency", type=int, default=1, metavar="N",
+                        help="generation slots: requests generated at the same time; each loads the model once (GGUF "
+                             "weights are memory-mapped and shared; an AWQ model is loaded on the GPU once per slot)")
+    server.add_argument("--queue", type=int, default=8, metavar="N",
+                        help="requests that may wait for a slot; beyond them the answer is 429 (default 8)")
+    server.add_argument("--served-model-name", default=None,
+                        help="model id in /v1/models and responses (default: the model's file or registry name)")
+    server.add_argument("--allow-local-images", action="store_true",
+                        help="accept image_url parts naming files on this machine (default: data: URLs only)")
+    server.add_argument("--local-image-root", default=None, metavar="DIR",
+                        help="with --allow-local-images: only files under DIR (relative paths taken from it)")
+    server.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB (default 32)")
+    server.add_argument("--max-image-mb", type=float, default=20.0, help="largest image in MB (default 20)")
+    server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def _model_name(source: str) -> str:
+    path = Path(source)
+    return path.stem if path.suffix == ".gguf" else path.name if path.exists() else source
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from r1v.runtime.serve.app import ServerConfig, serve
+    except ImportError as e:
+        print(f"r1v serve: error: {e.name or e} is missing; install the server extra: pip install 'r1v-edge[server]'",
+              file=sys.stderr)
+        return 2
+    from r1v.runtime.api import load
+    from r1v.runtime.serve.protocol import ServerLimits
+
+    if args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if args.local_image_root and not args.allow_local_images:
+        raise ValueError("--local-image-root needs --allow-local-images")
+    limits = ServerLimits(max_image_bytes=int(args.max_image_mb * 2**20), allow_local_images=args.allow_local_images,
+                          local_image_root=Path(args.local_image_root) if args.local_image_root else None)
+    config = ServerConfig(model_name=args.served_model_name or _model_name(args.model), api_key=args.api_key or None,
+                          queue=args.queue, max_body_bytes=int(args.max_body_mb * 2**20), limits=limits)
+    if args.host not in _LOOPBACK and config.api_key is None:
+        print(f"r1v serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    models = []
+    try:
+        for _ in range(args.max_concurrency):
+            models.append(load(args.model, **load_options(args)))
+        print(f"r1v serve: {models[0]!r} as {config.model_name!r} on http://{args.host}:{args.port}/v1 "
+              f"({args.max_concurrency} slot(s), queue {args.queue})", file=sys.stderr, flush=True)
+        serve(models, config, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        for model in models:
+            model.close()
+    return 0

@@ -1,0 +1,28 @@
+"""micro-r1v: a small model with the exact Skywork-R1V architecture, trained here on a synthetic visual
+reasoning task (`task`), by `train` (`r1v train-micro`); the trained checkpoint ships in `model/`.
+
+The bundled model is the default of `r1v demo` and the yardstick for how much accuracy each quantization
+keeps. Importing this package imports neither torch nor the task's image code.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+NAME = "micro-r1v"
+
+
+def model_path() -> Path:
+    """Directory of the shipped micro-r1v checkpoint."""
+    return Path(str(resources.files("r1v.micro") / "model"))
+
+
+def demo_image_path() -> Path:
+    return Path(str(resources.files("r1v.micro") / "demo.png"))
+
+
+def demo_question() -> dict[str, str]:
+    """{"question", "answer"} of the bundled demo image."""
+    import json
+
+    return json.loads((resources.files("r1v.micro") / "demo.json").read_text(encoding="utf-8"))

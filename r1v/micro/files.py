@@ -1,0 +1,78 @@
+"""The GGUF files of the bundled micro-r1v, built from the shipped checkpoint on first use into the user
+cache (`$XDG_CACHE_HOME/r1v/micro-r1v/<checkpoint hash>/`), so `r1v.load("micro-r1v")` needs no download."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from . import NAME, model_path
+
+GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
+QUANTS = (*GGUF_QUANTS, "awq")
+DEFAULT_QUANT = "q8_0"
+AWQ_CALIBRATION_ITEMS = 128  # training-split task items, half of them with their image
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r1v" / NAME
+
+
+def checkpoint_hash(path: Path | None = None) -> str:
+    """Identity of the shipped checkpoint: a new training run gets new files, never stale ones."""
+    path = path or model_path()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def micro_model(quant: str | None = None) -> Path:
+    """micro-r1v at `quant`: the LLM GGUF file (f16, q8_0, q4_k_m; its F16 mmproj beside it) or the AWQ
+    checkpoint directory (awq), built on first use."""
+    quant = (quant or DEFAULT_QUANT).lower()
+    if quant not in QUANTS:
+        raise ValueError(f"{NAME} comes as {', '.join(QUANTS)}; got quant {quant!r}")
+    return micro_awq() if quant == "awq" else micro_gguf(quant)
+
+
+def micro_awq() -> Path:
+    """micro-r1v as a 4-bit AWQ checkpoint, made the way `r1v convert awq` makes one, calibrated on the task's
+    own training items (images through the vision tower, chat-templated questions and answers)."""
+    from r1v.quant.calibration import CalibrationItem
+    from r1v.quant.driver import quantize_checkpoint_awq
+
+    from . import task
+
+    out = cache_root() / checkpoint_hash() / "awq"
+    if (out / "config.json").is_file():
+        return out
+    items = [CalibrationItem(question=i.question, image=i.image(), answer=i.completion, source=i.id)
+             for i in task.make_items(task.SPLITS["train"][0] + 5_000_000, AWQ_CALIBRATION_ITEMS)]
+    tmp = out.with_name(f".awq-{os.getpid()}.partial")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        quantize_checkpoint_awq(model_path(), tmp, calib=items, group_size=128, progress=False)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def micro_gguf(quant: str | None = None) -> Path:
+    """Path of micro-r1v's LLM GGUF at `quant` (f16, q8_0 or q4_k_m), with its F16 mmproj beside it."""
+    from r1v.converters.gguf import convert_gguf, llm_file_name, mmproj_file_name
+
+    quant = (quant or DEFAULT_QUANT).lower()
+    if quant not in GGUF_QUANTS:
+        raise ValueError(f"{NAME} comes as {', '.join(GGUF_QUANTS)}; got quant {quant!r}")
+    out = cache_root() / checkpoint_hash()
+    llm, mmproj = out / llm_file_name(NAME, quant), out / mmproj_file_name(NAME, "f16")
+    if not (llm.is_file() and mmproj.is_file()):
+        convert_gguf(model_path(), out, [] if llm.is_file() else [quant], None if mmproj.is_file() else "f16",
+                     name=NAME, progress=False)
+    return llm

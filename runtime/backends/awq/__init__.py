@@ -1,0 +1,14 @@
+"""The AWQ backend: AutoAWQ GEMM checkpoints on torch, Triton kernels on CUDA, a pure-torch path elsewhere.
+
+- `kernels`: the Triton GEMV / fused GEMM / dequantize kernels and the torch dequantize path.
+- `qlinear`: `AWQLinear` and `Int8Linear`, drop-in quantized linears for the torch reference model.
+- `loader`: the reference model built from an AWQ checkpoint, placements (`r1v plan`'s keys) applied.
+- `sampling`, `tokenizer`: the llama.cpp backend's sampling and token pieces, in torch / `tokenizers`.
+- `backend`: `AWQBackend`, what `r1v.load()` runs AWQ checkpoints with.
+"""
+from .backend import AWQBackend, choose_kernel
+from .loader import LoadedAWQ, Placement, load_awq, parse_memory, parse_placement
+from .qlinear import AWQLinear, Int8Linear
+
+__all__ = ["AWQBackend", "AWQLinear", "Int8Linear", "LoadedAWQ", "Placement", "choose_kernel", "load_awq",
+           "parse_memory", "parse_placement"]

@@ -1,0 +1,421 @@
+"""The AWQ backend: an AutoAWQ GEMM checkpoint run by the torch reference model with quantized linears.
+
+Same interface as the llama.cpp backend (`path`, `n_ctx`, `chat_template`, `special_texts`, `tokenize`, `piece`,
+`detokenize`, `prepare`, `start`, `logprobs`, `reset`, `close`), so `r1v.load(awq_dir)` gives the same
+`Model.generate` / `Model.stream`.
+
+- Weights: `loader.load_awq` (placement from `placement` / `device_memory` / the GPU's size; see there).
+  Kernels: Triton on CUDA when triton is installed, the pure-torch dequantize path elsewhere (`kernel=` option:
+  "auto", "triton", "torch", or "dense" for the model dequantized once to plain fp linears).
+- KV cache: static, preallocated for `n_ctx` positions at load (`torch_ref.KVCache`). The backend remembers what
+  sits at each position (token ids; image embeddings as (image key, index)); a new prompt keeps the longest
+  common prefix and evaluates the rest, as the llama.cpp backend does.
+- Prefill: chunks of at most `n_batch` positions, text and image positions alike (so a 12-tile image, 3,328
+  positions, needs the activations of one chunk, not of the whole prompt); logits only for the last position.
+  Images: InternVL tiling (`runtime.image`), the vision tower run `VISION_TILES` tiles at a time, embeddings kept
+  for a few images (LRU).
+- Sampling: `sampling.Sampler`, the llama.cpp chain's meaning; temperature 0 is greedy.
+- `logprobs(prompt, tokens)`: teacher-forced log-probabilities, as the llama.cpp backend gives them (`r1v eval`).
+
+Not here (llama.cpp backend only): the on-disk prefix cache (`prefix_cache` options are ignored), the
+`image_budget` tile choice, and libmtmd's own tiling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from r1v.converters.checkpoint import open_checkpoint
+
+from ...api import ContextOverflowError, LoadOptions, SamplingParams
+from ...image import TilingConfig, choose_grid, load_image, normalize, tile_image
+from ...torch_ref import KVCache, extract_feature
+from . import kernels
+from .loader import LoadedAWQ, load_awq, weight_bytes
+from .sampling import Sampler
+from .tokenizer import AWQTokenizer
+
+__all__ = ["AWQBackend", "choose_kernel"]
+
+IMG_START, IMG_END = "<img>", "</img>"
+VISION_TILES = 4  # tiles per vision-tower call
+# Tokens that end a generation besides the configured EOS ids (llama.cpp's end-of-generation set does the same).
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
+
+
+def choose_kernel(kernel: str | None, device: torch.device) -> str:
+    """"auto" (or None): Triton on CUDA when triton is installed, else the torch path."""
+    kernel = (kernel or "auto").lower()
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and kernels.triton_available() else "torch"
+    if kernel not in ("triton", "torch", "dense"):
+        raise ValueError(f"kernel must be 'auto', 'triton', 'torch' or 'dense', got {kernel!r}")
+    if kernel == "triton" and not kernels.triton_usable_on(device):
+        why = "triton is not installed" if not kernels.triton_available() else f"the device is {device.type}"
+        raise ValueError(f"kernel='triton' cannot run here ({why}): the Triton kernels need CUDA, or "
+                         "TRITON_INTERPRET=1 set before triton is imported (slow; for tests)")
+    return kernel
+
+
+@dataclass(frozen=True)
+class _ImageSlot:
+    key: tuple
+    image: Any  # PIL RGB
+    grid: tuple[int, int]
+    tiles: int
+    n_positions: int
+    tiling: TilingConfig
+
+
+@dataclass
+class Prompt:
+    segments: list[list[int] | _ImageSlot]
+    items: list[Any]
+    image_positions: int = 0
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.items)
+
+    @property
+    def images(self) -> list[tuple[tuple[int, int] | None, int]]:
+        return [(s.grid, s.tiles) for s in self.segments if isinstance(s, _ImageSlot)]
+
+
+@dataclass
+class RunStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefill_seconds: float = 0.0
+    image_seconds: float = 0.0
+    time_to_first_token: float = 0.0
+    decode_seconds: float = 0.0
+    images: list[Any] = field(default_factory=list)
+    seed: int | None = None
+
+
+class _Run:
+    def __init__(self, backend: AWQBackend, prompt: Prompt, params: SamplingParams, max_new: int):
+        self.stats = RunStats(prompt_tokens=prompt.n_positions, images=prompt.images)
+        self._gen = backend._generate(prompt, params, max_new, self.stats)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes, bool]]:
+        return self._gen
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+class AWQBackend:
+    def __init__(self, path: str | os.PathLike[str], options: LoadOptions):
+        self.path = Path(path)
+        self.mmproj_path: Path | None = None  # the vision tower is inside the checkpoint
+        self.options = options
+        if options.tiling != "internvl":
+            raise ValueError("the AWQ backend tiles images as InternVL does; tiling='llamacpp' is for GGUF models")
+        if options.image_budget is not None:
+            raise ValueError("image_budget is an option of the llama.cpp backend; with an AWQ model give max_tiles")
+        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.kernel = choose_kernel(options.kernel, device)
+        if options.n_threads and device.type == "cpu":
+            torch.set_num_threads(options.n_threads)
+        with open_checkpoint(self.path, check_shapes=False) as ckpt:
+            cfg = ckpt.config
+            self.tokenizer = AWQTokenizer(ckpt.tokenizer, self.path)
+            self.chat_template = ckpt.tokenizer.chat_template
+            tc = ckpt.tokenizer.tokenizer_config
+            self.special_texts = {"bos_token": _token_text(tc.get("bos_token")),
+                                  "eos_token": _token_text(tc.get("eos_token"))}
+            self._bos = ckpt.generation_config.get("bos_token_id", cfg.llm.bos_token_id)
+            self._add_bos = bool(tc.get("add_bos_token", False)) and self._bos is not None
+            ends = set(ckpt.eos_token_ids)
+            ends.update(i for t in END_TOKENS if (i := ckpt.tokenizer.token_id(t)) is not None)
+            self._end_ids = frozenset(ends)
+        if options.n_ctx > cfg.llm.max_position_embeddings:
+            raise ValueError(f"n_ctx {options.n_ctx} exceeds the model's max_position_embeddings "
+                             f"{cfg.llm.max_position_embeddings}")
+        self.config = cfg
+        self.loaded: LoadedAWQ = load_awq(
+            self.path, device=device, kernel=self.kernel, placement=options.placement,
+            device_memory=options.device_memory, n_ctx=options.n_ctx)
+        self.model = self.loaded.model
+        self.device, self.dtype = self.loaded.device, self.loaded.dtype
+        self.n_ctx = options.n_ctx
+        self.n_batch = options.n_batch
+        self.n_vocab = cfg.llm.vocab_size
+        self.cache: KVCache | None = KVCache.allocate(cfg.llm, self.n_ctx, 1, dtype=self.dtype, device=self.device)
+        max_tiles = options.max_tiles or cfg.max_dynamic_patch
+        self.tiling = TilingConfig(image_size=cfg.image_size, min_tiles=min(cfg.min_dynamic_patch, max_tiles),
+                                   max_tiles=max_tiles, use_thumbnail=cfg.use_thumbnail)
+        self.tokens_per_tile = cfg.tokens_per_tile
+        self._img_tokens = []
+        for tag in (IMG_START, IMG_END):
+            ids = self.tokenize(tag)
+            if len(ids) != 1:
+                raise ValueError(f"{self.path}: the vocabulary has no {tag} token; not an InternVL-chat / R1V model")
+            self._img_tokens.append(ids[0])
+        self._kv: list[Any] = []
+        self._image_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    # --- facts ----------------------------------------------------------------------------------------
+    @property
+    def has_vision(self) -> bool:
+        return True
+
+    @property
+    def placement(self) -> str:
+        return self.loaded.placement.key
+
+    def describe(self) -> dict[str, Any]:
+        """How the model was loaded: device, dtype, kernel, placement, bytes per part."""
+        m = self.model
+        llm = m.language_model
+        return {
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "kernel": self.kernel,
+            "placement": self.loaded.placement.key, "placement_source": self.loaded.placement.source,
+            "requested_placement": self.loaded.requested.key, "group_size": self.loaded.group_size,
+            "n_ctx": self.n_ctx, "n_batch": self.n_batch,
+            "bytes": {"llm_layers": weight_bytes(llm.model.layers), "embeddings": weight_bytes(llm.model.embed_tokens),
+                      "lm_head": weight_bytes(llm.lm_head), "vision": weight_bytes(m.vision_model),
+                      "projector": weight_bytes(m.mlp1),
+                      "kv_cache": 2 * sum(k.numel() * k.element_size() for k in self.cache.keys) if self.cache else 0},
+        }
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: the decoder layers, the final norm and the head (one row of
+        the embedding table is negligible)."""
+        llm = self.model.language_model
+        return weight_bytes(llm.model.layers) + weight_bytes(llm.model.norm) + weight_bytes(llm.lm_head)
+
+    # --- vocabulary -----------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        self._live()
+        return self.tokenizer.tokenize(text, special=special)
+
+    def piece(self, token: int) -> bytes:
+        return self.tokenizer.piece(token)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.detokenize(tokens)
+
+    # --- prompts --------------------------------------------------------------------------------------
+    def prepare(self, pieces: Sequence[str], images: Sequence[Any], *, max_tiles: int | None = None,
+                image_budget: float | None = None) -> Prompt:
+        """Tokenize the text pieces, load the images and lay them out; no model work yet. `max_tiles`
+        overrides the load option for this prompt's images."""
+        self._live()
+        if len(pieces) != len(images) + 1:
+            raise ValueError(f"{len(pieces)} text pieces for {len(images)} images")
+        if image_budget is not None:
+            raise ValueError("image_budget is an option of the llama.cpp backend; with an AWQ model give max_tiles")
+        tiling = self.tiling
+        if max_tiles is not None:
+            if max_tiles < 1:
+                raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+            tiling = dataclasses.replace(tiling, max_tiles=max_tiles, min_tiles=min(tiling.min_tiles, max_tiles))
+        slots = [self._slot(source, tiling) for source in images]
+        segments: list[list[int] | _ImageSlot] = []
+        items: list[Any] = []
+        for i, text in enumerate(pieces):
+            ids = self.tokenize(text)
+            if i == 0 and self._add_bos and (not ids or ids[0] != self._bos):
+                ids.insert(0, self._bos)
+            if i > 0:
+                ids.insert(0, self._img_tokens[1])
+            if i < len(slots):
+                ids.append(self._img_tokens[0])
+            segments.append(ids)
+            items.extend(ids)
+            if i < len(slots):
+                slot = slots[i]
+                segments.append(slot)
+                items.extend((slot.key, j) for j in range(slot.n_positions))
+        return Prompt(segments, items, sum(s.n_positions for s in slots))
+
+    def _slot(self, source: Any, tiling: TilingConfig) -> _ImageSlot:
+        image = load_image(source, tiling)  # ImageError naming the source
+        width, height = image.size
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+        digest.update(f"{width}x{height}".encode())
+        key = (digest.hexdigest(), "internvl", tiling.max_tiles)
+        grid = choose_grid(width, height, tiling)
+        tiles = grid[0] * grid[1]
+        tiles += int(tiling.use_thumbnail and tiles != 1)
+        return _ImageSlot(key, image, grid, tiles, tiles * self.tokens_per_tile, tiling)
+
+    @torch.inference_mode()
+    def _embeddings(self, slot: _ImageSlot) -> torch.Tensor:
+        """[n_positions, hidden] image embeddings in the compute dtype, on the device (cached)."""
+        cached = self._image_cache.get(slot.key)
+        if cached is not None:
+            self._image_cache.move_to_end(slot.key)
+            return cached
+        pixels = torch.from_numpy(normalize(tile_image(slot.image, slot.tiling)))
+        cfg, m = self.config, self.model
+        parts = [extract_feature(m.vision_model, m.mlp1, pixels[i:i + VISION_TILES].to(self.device, self.dtype),
+                                 cfg.downsample_ratio, cfg.ps_version) for i in range(0, len(pixels), VISION_TILES)]
+        embeddings = torch.cat(parts).reshape(-1, parts[0].shape[-1])
+        if embeddings.shape[0] != slot.n_positions:
+            raise RuntimeError(f"the vision tower gave {embeddings.shape[0]} embeddings for an image laid out as "
+                               f"{slot.n_positions} positions")
+        if self.options.image_cache:
+            self._image_cache[slot.key] = embeddings
+            while len(self._image_cache) > self.options.image_cache:
+                self._image_cache.popitem(last=False)
+        return embeddings
+
+    # --- generation -----------------------------------------------------------------------------------
+    def start(self, prompt: Prompt, params: SamplingParams) -> _Run:
+        self._live()
+        n = prompt.n_positions
+        if n >= self.n_ctx:
+            images = f", {prompt.image_positions} of them for images" if prompt.image_positions else ""
+            raise ContextOverflowError(
+                f"the prompt is {n} tokens{images}, but the context window is {self.n_ctx} tokens (n_ctx), "
+                f"which leaves no room for an answer; load with a larger n_ctx, shorten the conversation, or "
+                f"use fewer or smaller images (max_tiles)", prompt_tokens=n, n_ctx=self.n_ctx)
+        return _Run(self, prompt, params, min(params.max_tokens, self.n_ctx - n))
+
+    def _generate(self, prompt: Prompt, params: SamplingParams, max_new: int,
+                  stats: RunStats) -> Iterator[tuple[int, bytes, bool]]:
+        start = time.perf_counter()
+        items = prompt.items
+        keep = 0
+        limit = min(len(self._kv), len(items) - 1)  # the last prompt position is always evaluated: its logits
+        while keep < limit and self._kv[keep] == items[keep]:
+            keep += 1
+        self._truncate(keep)
+        stats.cached_tokens = keep
+
+        embeddings: dict[int, torch.Tensor] = {}
+        pos = 0
+        for i, segment in enumerate(prompt.segments):
+            n = segment.n_positions if isinstance(segment, _ImageSlot) else len(segment)
+            if isinstance(segment, _ImageSlot) and pos + n > keep:
+                embeddings[i] = self._embeddings(segment)
+            pos += n
+        self._sync()
+        stats.image_seconds = time.perf_counter() - start
+
+        sampler = Sampler(params, self.n_ctx)
+        stats.seed = sampler.seed
+        for token in (t for t in items if isinstance(t, int)):  # the penalty window starts in the prompt
+            sampler.accept(token)
+        logits = self._evaluate(prompt, embeddings, keep)
+        self._sync()
+        stats.prefill_seconds = time.perf_counter() - start
+        first = 0.0
+        for n in range(1, max_new + 1):
+            token = sampler.sample(logits)
+            now = time.perf_counter()
+            if n == 1:
+                first = now
+                stats.time_to_first_token = now - start
+            stats.decode_seconds = now - first
+            sampler.accept(token)
+            end = token in self._end_ids
+            yield token, self.piece(token), end
+            if end or n == max_new:
+                return
+            logits = self._step(token)
+
+    def _embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
+        table = self.model.language_model.model.embed_tokens
+        index = torch.tensor(list(ids), dtype=torch.long, device=table.weight.device)
+        return table(index).to(self.device, self.dtype, non_blocking=True)
+
+    @torch.inference_mode()
+    def _forward(self, embeds: torch.Tensor, items: Sequence[Any], logits: bool | str) -> torch.Tensor | None:
+        """Run [T, hidden] embeddings at the cache's end; the logits [vocab] of the last one when `logits`, of
+        every one ([T, vocab]) when it is "all"."""
+        llm = self.model.language_model
+        hidden = llm.model(embeds[None], self.cache)
+        self._kv.extend(items)
+        if not logits:
+            return None
+        return llm.lm_head(hidden[0] if logits == "all" else hidden[0, -1]).float()
+
+    def _evaluate(self, prompt: Prompt, embeddings: dict[int, torch.Tensor], keep: int) -> torch.Tensor:
+        """Evaluate the prompt from position `keep` on in chunks of n_batch positions (a chunk may span text
+        and images); the logits of the last position."""
+        total = prompt.n_positions
+        logits = None
+        for start in range(keep, total, self.n_batch):
+            end = min(start + self.n_batch, total)
+            parts = []
+            pos = 0
+            for i, segment in enumerate(prompt.segments):
+                image = isinstance(segment, _ImageSlot)
+                n = segment.n_positions if image else len(segment)
+                a, b = max(start, pos) - pos, min(end, pos + n) - pos
+                if a < b:
+                    parts.append(embeddings[i][a:b] if image else self._embed_tokens(segment[a:b]))
+                pos += n
+            embeds = parts[0] if len(parts) == 1 else torch.cat(parts)
+            logits = self._forward(embeds, prompt.items[start:end], end == total)
+        assert logits is not None
+        return logits
+
+    def _step(self, token: int) -> torch.Tensor:
+        out = self._forward(self._embed_tokens((token,)), (token,), True)
+        assert out is not None
+        return out
+
+    def logprobs(self, prompt: Prompt, tokens: Sequence[int]) -> np.ndarray:
+        """Teacher forcing: float32 log-probabilities [len(tokens), n_vocab], row i the distribution after the
+        prompt and tokens[:i] (`r1v eval`). Evaluates from an empty cache (the cache then holds both)."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            return np.zeros((0, self.n_vocab), np.float32)
+        n = prompt.n_positions + len(tokens) - 1
+        if n > self.n_ctx:
+            raise ContextOverflowError(f"scoring needs {n} positions, but the context window is {self.n_ctx} "
+                                       "tokens (n_ctx)", prompt_tokens=n, n_ctx=self.n_ctx)
+        self.reset()
+        embeddings = {i: self._embeddings(s) for i, s in enumerate(prompt.segments) if isinstance(s, _ImageSlot)}
+        rows = [self._evaluate(prompt, embeddings, 0)[None]]
+        rest = tokens[:-1]
+        for begin in range(0, len(rest), self.n_batch):
+            chunk = rest[begin:begin + self.n_batch]
+            rows.append(self._forward(self._embed_tokens(chunk), chunk, "all"))
+        return torch.log_softmax(torch.cat(rows).double(), dim=-1).float().cpu().numpy()
+
+    def _truncate(self, keep: int) -> None:
+        """Forget positions from `keep` on (the static cache is simply overwritten later)."""
+        del self._kv[keep:]
+        self.cache.length = keep
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset(self) -> None:
+        self._live()
+        self._truncate(0)
+
+    # --- lifetime -------------------------------------------------------------------------------------
+    def _live(self) -> None:
+        if self.cache is None:
+            raise RuntimeError(f"the model {self.path.name} is closed")
+
+    def close(self) -> None:
+        self.cache = None
+        self.model = self.loaded = None
+        self._image_cache.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _token_text(token: Any) -> str:
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else ""

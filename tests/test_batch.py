@@ -1,0 +1,257 @@
+"""`r1v batch`: Skywork's r1v4 JSONL format in and out, resumable, and crash-safe line by line.
+
+A scripted model checks the output fields (Skywork's `response: {full_response, raw_response}` plus the parsed
+reasoning / answer / rounds), resuming, a half-written last line, failed items and --retry-errors. The tiny
+converted GGUF checks the real thing: `r1v batch` killed with SIGKILL halfway and started again ends with exactly
+one output line per input line, the lines written before the kill untouched.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from r1v.converters.gguf import convert_gguf
+from r1v.runtime.api import LoadOptions, Model
+from r1v.runtime.batch import BatchConfig, plan_batch, run_batch
+from r1v.testing import make_tiny_checkpoint
+
+SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
+             vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
+R1V4_OUTPUT = ('I should zoom in.</think>\n<tool_call>{"name": "code", "arguments": {"code": "crop()"}}</tool_call>\n'
+               '<observation>{"result": "3 circles"}</observation>\n<think>Three.</think>\n<answer>3</answer>')
+
+
+class _ScriptedBackend:
+    """Stands in for llama.cpp: every request yields `text` split in a few pieces, then the end token."""
+
+    path, mmproj_path, n_ctx, chat_template = Path("scripted.gguf"), Path("mmproj.gguf"), 4096, None
+    special_texts = {"bos_token": "", "eos_token": ""}
+
+    def __init__(self, text: str):
+        data = text.encode()
+        self.pieces = [data[i:i + 7] for i in range(0, len(data), 7)] + [b""]
+        self.images: list[list] = []
+
+    def prepare(self, pieces, images):
+        self.images.append(list(images))
+        return None
+
+    def start(self, prompt, params):
+        from r1v.runtime.backends.llamacpp import RunStats
+
+        pieces = self.pieces
+
+        class Run:
+            stats = RunStats(prompt_tokens=12)
+
+            def __iter__(self):
+                for i, piece in enumerate(pieces):
+                    yield 100 + i, piece, i == len(pieces) - 1
+
+            def close(self):
+                pass
+
+        return Run()
+
+    def close(self):
+        pass
+
+
+def _png(path: Path, seed: int = 0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _write_jsonl(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _stable(record: dict) -> dict:
+    """A record without what differs from run to run (completion id, time)."""
+    raw = {k: v for k, v in record["response"]["raw_response"].items() if k not in ("id", "created")}
+    return {**record, "seconds": None, "response": {**record["response"], "raw_response": raw}}
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> Path:
+    (tmp_path / "images").mkdir()
+    _png(tmp_path / "images" / "a.png", 1)
+    _png(tmp_path / "images" / "b.png", 2)
+    return _write_jsonl(tmp_path / "cases.jsonl", [
+        {"image": "./images/a.png", "question": "How many circles?"},
+        {"image": "", "question": "A text-only question", "tag": "kept"},
+        {"image": "images/b.png", "question": "And here?"},
+    ])
+
+
+def _run(model: Model, config: BatchConfig):
+    return run_batch(model, config, out=io.StringIO())
+
+
+def test_output_is_skyworks_format_plus_parsed_fields(inputs: Path, tmp_path: Path):
+    backend = _ScriptedBackend(R1V4_OUTPUT)
+    out = tmp_path / "results" / "out.jsonl"
+    summary = _run(Model(backend, None, LoadOptions()), BatchConfig(inputs, out, model_name="tiny", progress=False))
+    assert (summary.total, summary.answered, summary.failed, summary.skipped) == (3, 3, 0, 0)
+    records = _lines(out)
+    assert [r["index"] for r in records] == [0, 1, 2]
+    first, text_only = records[0], records[1]
+    assert first["image"] == "./images/a.png" and first["question"] == "How many circles?"
+    assert text_only["tag"] == "kept" and "image_path" not in text_only
+    assert (out.parent / first["image_path"]).resolve() == (inputs.parent / "images" / "a.png").resolve()
+    assert [len(images) for images in backend.images] == [1, 0, 1]  # the image went to the model
+    full = first["response"]["full_response"]
+    assert full == "<think>\n" + R1V4_OUTPUT  # the <think> the prompt opened is part of the reading
+    # Skywork's parse_full_response reads it: its regexes find both thinks, the tool call and the answer
+    assert [t.strip() for t in re.findall(r"<think>(.*?)</think>", full, re.DOTALL)] == ["I should zoom in.", "Three."]
+    assert json.loads(re.findall(r"<tool_call>(.*?)</tool_call>", full, re.DOTALL)[0])["name"] == "code"
+    raw = first["response"]["raw_response"]
+    assert raw["object"] == "chat.completion" and raw["model"] == "tiny"
+    assert raw["choices"][0]["message"]["reasoning_content"] == first["reasoning"]  # both think blocks
+    assert first["reasoning"].startswith("I should zoom in.") and first["reasoning"].endswith("Three.")
+    assert first["answer"] == "3"
+    assert [r["kind"] for r in first["rounds"]] == ["think", "tool_call", "observation", "think", "answer"]
+    assert first["rounds"][1]["tool_call"] == {"name": "code", "arguments": {"code": "crop()"}}
+    assert first["usage"]["prompt_tokens"] == 12 and first["finish_reason"] == "stop"
+
+
+def test_resume_skips_done_items_and_cuts_a_half_written_line(inputs: Path, tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    model = Model(_ScriptedBackend("thinking</think>42"), None, LoadOptions())
+    _run(model, BatchConfig(inputs, out, progress=False))
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed while writing the second line
+    plan = plan_batch(BatchConfig(inputs, out))
+    assert [index for _, index, _ in plan.todo] == [1, 2]
+    assert out.read_text() == lines[0]  # the half line is gone
+    summary = _run(model, BatchConfig(inputs, out, progress=False))
+    assert (summary.skipped, summary.answered) == (1, 2)
+    assert out.read_text().startswith(lines[0])
+    assert [_stable(r) for r in _lines(out)] == [_stable(json.loads(line)) for line in lines]
+    assert _run(model, BatchConfig(inputs, out, progress=False)).answered == 0  # nothing left to do
+
+
+def test_failed_items_are_recorded_and_retried_on_request(inputs: Path, tmp_path: Path):
+    (inputs.parent / "images" / "b.png").rename(inputs.parent / "images" / "moved.png")
+    out = tmp_path / "out.jsonl"
+    model = Model(_ScriptedBackend("thinking</think>42"), None, LoadOptions())
+    summary = _run(model, BatchConfig(inputs, out, progress=False))
+    assert (summary.answered, summary.failed) == (2, 1)
+    error = _lines(out)[2]["response"]["error"]
+    assert "image not found" in error and "b.png" in error
+    assert _run(model, BatchConfig(inputs, out, progress=False)).answered == 0  # errors count as done...
+    (inputs.parent / "images" / "moved.png").rename(inputs.parent / "images" / "b.png")
+    summary = _run(model, BatchConfig(inputs, out, retry_errors=True, progress=False))  # ...unless retried
+    assert (summary.answered, summary.failed, summary.skipped) == (1, 0, 2)
+    assert sorted(r["index"] for r in _lines(out)) == [0, 1, 2] and all("answer" in r for r in _lines(out))
+
+
+def test_items_with_ids_are_keyed_by_id(tmp_path: Path):
+    items = [{"id": f"q{i}", "image": "", "question": f"question {i}"} for i in range(3)]
+    inputs = _write_jsonl(tmp_path / "in.jsonl", items)
+    out = tmp_path / "out.jsonl"
+    model = Model(_ScriptedBackend("t</think>a"), None, LoadOptions())
+    _run(model, BatchConfig(inputs, out, progress=False))
+    _write_jsonl(inputs, [items[2], items[0], {"id": "q3", "image": "", "question": "new"}, items[1]])  # reordered
+    summary = _run(model, BatchConfig(inputs, out, progress=False))
+    assert (summary.answered, summary.skipped) == (1, 3)
+    assert [r["id"] for r in _lines(out)] == ["q0", "q1", "q2", "q3"]
+    _write_jsonl(inputs, [items[0], items[0]])
+    with pytest.raises(ValueError, match="repeats id:q0"):
+        plan_batch(BatchConfig(inputs, out))
+
+
+def test_bad_input_lines_are_named(tmp_path: Path):
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"image": "", "question": "ok"}\n\n{"image": 3, "question": "x"}\n')
+    with pytest.raises(ValueError, match=r"in.jsonl:3: 'image'"):
+        plan_batch(BatchConfig(bad, tmp_path / "out.jsonl"))
+    bad.write_text('{"image": ""}\n')
+    with pytest.raises(ValueError, match=r"in.jsonl:1: 'question'"):
+        plan_batch(BatchConfig(bad, tmp_path / "out.jsonl"))
+    with pytest.raises(ValueError, match="must not be the input"):
+        BatchConfig(bad, bad)
+
+
+# --- the command, on a real (tiny) model ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("batch")
+    ckpt = make_tiny_checkpoint(root / "tiny-r1v", vit="300m", seed=8, dtype="f32", **SIZES)
+    return convert_gguf(ckpt, root / "gguf", quant=["f16"], mmproj_quant="f16", progress=False).llm["f16"]
+
+
+def _batch_cmd(gguf: Path, inputs: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "r1v", "batch", str(gguf), str(inputs), str(out), "--n-ctx", "2048",
+            "--n-threads", "1", "--n-threads-batch", "1", "--temperature", "0", "--repetition-penalty", "1.0",
+            *extra]
+
+
+def test_killed_halfway_and_restarted_gives_one_line_per_input(gguf: Path, tmp_path: Path):
+    (tmp_path / "img").mkdir()
+    items = []
+    for i in range(10):
+        image = f"img/{i}.png" if i % 2 == 0 else ""
+        if image:
+            _png(tmp_path / image, i)
+        items.append({"image": image, "question": f"How many shapes are in picture {i}?"})
+    inputs = _write_jsonl(tmp_path / "cases.jsonl", items)
+    out = tmp_path / "out.jsonl"
+    # ~0.3 s per item: the kill lands while items are still to do
+    proc = subprocess.Popen(_batch_cmd(gguf, inputs, out, "--max-tokens", "300", "--no-progress"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no output lines after 120 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = out.read_bytes()
+    done_before = before.count(b"\n")
+    assert 3 <= done_before < len(items), f"the kill came too late to test anything ({done_before} lines)"
+
+    rerun = subprocess.run(_batch_cmd(gguf, inputs, out, "--max-tokens", "300"), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{done_before} already done" in rerun.stderr
+    assert out.read_bytes().startswith(before.rsplit(b"\n", 1)[0])  # what was written stays as it was
+    records = _lines(out)
+    assert sorted(r["index"] for r in records) == list(range(len(items)))  # exactly one line per input
+    assert all(r["response"]["full_response"].startswith("<think>\n") for r in records)
+    assert all(r["usage"]["completion_tokens"] <= 300 for r in records)
+    with_image = [r for r in records if r["image"]]
+    assert all(r["usage"]["prompt_tokens"] > 256 for r in with_image)  # the image was in the prompt
+
+    again = subprocess.run(_batch_cmd(gguf, inputs, out), capture_output=True, text=True)
+    assert again.returncode == 0 and "already in" in again.stderr
+
+
+def test_stream_mode_prints_answers_and_keeps_events(gguf: Path, tmp_path: Path):
+    inputs = _write_jsonl(tmp_path / "in.jsonl", [{"image": "", "question": "What is two plus two?"}])
+    out = tmp_path / "out.jsonl"
+    run = subprocess.run(_batch_cmd(gguf, inputs, out, "--stream", "--max-tokens", "8", "--no-progress"),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = _lines(out)[0]
+    assert "[0] What is two plus two?" in run.stdout and "<think>" in run.stdout
+    events = record["response"]["raw_events"].splitlines()
+    assert events[-1] == "data: [DONE]"
+    streamed = "".join(json.loads(e[6:])["choices"][0]["delta"].get("reasoning_content", "") for e in events[:-1])
+    assert streamed == record["reasoning"] and record["usage"]["completion_tokens"] == 8
