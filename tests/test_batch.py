@@ -47,7 +47,7 @@ class _ScriptedBackend:
         return None
 
     def start(self, prompt, params):
-        from r1v.runtime.backends.llamacpp import RunStats
+        from r1v.runtime.backends.prompt import RunStats
 
         pieces = self.pieces
 

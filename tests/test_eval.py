@@ -3,7 +3,6 @@ scoring, resumable results, clear errors on bad items, and the command."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -43,7 +43,7 @@ class _ScriptedBackend:
         return None
 
     def start(self, prompt, params):
-        from r1v.runtime.backends.llamacpp import RunStats
+        from r1v.runtime.backends.prompt import RunStats
 
         class Run:
             stats = RunStats(prompt_tokens=281)

@@ -38,6 +38,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
     load.add_argument("--offline", action="store_true", default=None, help="no downloads: use the cache only")
     load.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    load.add_argument("--device", default=None, help="AWQ / torch models: cuda, cuda:1 or cpu (default: CUDA if present)")
+    load.add_argument("--kernel", choices=("auto", "triton", "torch", "dense"), default=None,
+                      help="AWQ models: the quantized linear's kernel (dense: dequantize once at load)")
+    load.add_argument("--device-memory", default=None, help="AWQ models: the card's memory budget, e.g. 24GB")
+    load.add_argument("--placement", default=None, help="AWQ models: e.g. awq[vision=int4,embed=cpu]")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 LOAD_FIELDS = ("quant", "mmproj", "n_ctx", "n_threads", "n_threads_batch", "n_batch", "max_tiles", "tiling",
-               "chat_template", "cache_dir", "offline", "verbose", "image_budget", "prefix_cache", "prefix_cache_dir")
+               "chat_template", "cache_dir", "offline", "verbose", "image_budget", "prefix_cache", "prefix_cache_dir",
+               "device", "kernel", "device_memory", "placement")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop")
 
 

@@ -39,7 +39,6 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -51,6 +50,7 @@ from ..api import ContextOverflowError, LoadOptions, NoProjectorError, SamplingP
 from ..image import TilingConfig, choose_grid, load_image, tile_image
 from ..llama_batch import DecodeError, LlamaBatch, decode
 from ..mtmd import MtmdContext, MtmdError, TextModel, rgb_array
+from .prompt import ImageSlot, Prompt, Run, RunStats
 from ..prefix_cache import (DEFAULT_MAX_BYTES, PrefixCacheWarning, PrefixHasher, PrefixStore, default_cache_dir,
                             file_identity)
 from ..tile_budget import RATES_FILE, CostModel, Rates, RateStore, TileChoice, measure_rates, pick_tiles
@@ -65,67 +65,6 @@ def _available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class _ImageSlot:
-    """One image of a prompt, loaded and laid out but not encoded yet."""
-
-    key: tuple
-    image: Any  # PIL RGB
-    grid: tuple[int, int] | None
-    tiles: int
-    n_positions: int
-    tiling: TilingConfig | None = None  # InternVL tiling: how to cut it
-
-
-@dataclass
-class Prompt:
-    """A prepared prompt: segments (token id lists and images), and what sits at each position."""
-
-    segments: list[list[int] | _ImageSlot]
-    items: list[Any]
-    image_positions: int = 0
-    prefix_points: list[tuple[int, str]] = field(default_factory=list)  # (end of an image, prefix cache key)
-    tile_choice: TileChoice | None = None  # what the image budget chose
-
-    @property
-    def n_positions(self) -> int:
-        return len(self.items)
-
-    @property
-    def images(self) -> list[tuple[tuple[int, int] | None, int]]:
-        return [(s.grid, s.tiles) for s in self.segments if isinstance(s, _ImageSlot)]
-
-
-@dataclass
-class RunStats:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    restored_tokens: int = 0
-    estimated_prefill_seconds: float | None = None
-    prefill_seconds: float = 0.0
-    image_seconds: float = 0.0
-    time_to_first_token: float = 0.0
-    decode_seconds: float = 0.0
-    images: list[Any] = field(default_factory=list)
-    seed: int | None = None
-
-
-class _Run:
-    """An accepted request: iterate to evaluate the prompt and sample; `stats` fill in as it goes."""
-
-    def __init__(self, backend: LlamaCppBackend, prompt: Prompt, params: SamplingParams, max_new: int):
-        self.stats = RunStats(prompt_tokens=prompt.n_positions, images=prompt.images,
-                              estimated_prefill_seconds=prompt.tile_choice.estimated_seconds
-                              if prompt.tile_choice is not None else None)
-        self._gen = backend._generate(prompt, params, max_new, self.stats)
-
-    def __iter__(self) -> Iterator[tuple[int, bytes, bool]]:
-        return self._gen
-
-    def close(self) -> None:
-        self._gen.close()
 
 
 class LlamaCppBackend:
@@ -246,10 +185,10 @@ class LlamaCppBackend:
             "flash_attn": options.flash_attn, "tiling": options.tiling,
         }
 
-    def _prefix_points(self, segments: list[list[int] | _ImageSlot]) -> list[tuple[int, str]]:
+    def _prefix_points(self, segments: list[list[int] | ImageSlot]) -> list[tuple[int, str]]:
         hasher, pos, points = PrefixHasher(self._prefix_context), 0, []
         for segment in segments:
-            if isinstance(segment, _ImageSlot):
+            if isinstance(segment, ImageSlot):
                 hasher.image(segment.key)
                 pos += segment.n_positions
                 points.append((pos, hasher.key()))
@@ -453,7 +392,7 @@ class LlamaCppBackend:
         tiling, choice = self._request_tiling([im.size for im in loaded], sum(map(len, texts)), max_tiles,
                                               image_budget)
         slots = [self._slot(image, tiling) for image in loaded]
-        segments: list[list[int] | _ImageSlot] = []
+        segments: list[list[int] | ImageSlot] = []
         items: list[Any] = []
         for i, ids in enumerate(texts):
             segments.append(ids)
@@ -465,7 +404,7 @@ class LlamaCppBackend:
         points = self._prefix_points(segments) if self._prefix is not None and slots else []
         return Prompt(segments, items, sum(s.n_positions for s in slots), points, choice)
 
-    def _slot(self, image: Any, tiling: TilingConfig) -> _ImageSlot:
+    def _slot(self, image: Any, tiling: TilingConfig) -> ImageSlot:
         width, height = image.size
         digest = hashlib.blake2b(image.tobytes(), digest_size=16)
         digest.update(f"{width}x{height}".encode())
@@ -475,11 +414,11 @@ class LlamaCppBackend:
             tiles = grid[0] * grid[1]
             tiles += int(tiling.use_thumbnail and tiles != 1)
             key = (digest.hexdigest(), mode, grid, tiling.use_thumbnail)  # the tiles follow from the grid
-            return _ImageSlot(key, image, grid, tiles, tiles * self.tokens_per_tile, tiling)
+            return ImageSlot(key, image, grid, tiles, tiles * self.tokens_per_tile, tiling)
         layout = self._mtmd.layout_for_size(width, height)
-        return _ImageSlot((digest.hexdigest(), mode), image, layout.grid, layout.n_tiles, layout.n_tokens)
+        return ImageSlot((digest.hexdigest(), mode), image, layout.grid, layout.n_tiles, layout.n_tokens)
 
-    def _embeddings(self, slot: _ImageSlot) -> np.ndarray:
+    def _embeddings(self, slot: ImageSlot) -> np.ndarray:
         """[n_positions, n_embd] float32 projector output of one image (cached by pixels and tiling)."""
         cached = self._image_cache.get(slot.key)
         if cached is not None:
@@ -509,7 +448,7 @@ class LlamaCppBackend:
             return mtmd.encode_chunk(tokenized, chunks[0])
 
     # --- generation ---------------------------------------------------------------------------------
-    def start(self, prompt: Prompt, params: SamplingParams) -> _Run:
+    def start(self, prompt: Prompt, params: SamplingParams) -> Run:
         """Check that the prompt fits; the returned run evaluates and samples as it is iterated."""
         self._live()
         n = prompt.n_positions
@@ -519,7 +458,7 @@ class LlamaCppBackend:
                 f"the prompt is {n} tokens{images}, but the context window is {self.n_ctx} tokens (n_ctx), "
                 f"which leaves no room for an answer; load with a larger n_ctx, shorten the conversation, or "
                 f"use fewer or smaller images (max_tiles)", prompt_tokens=n, n_ctx=self.n_ctx)
-        return _Run(self, prompt, params, min(params.max_tokens, self.n_ctx - n))
+        return Run(self, prompt, params, min(params.max_tokens, self.n_ctx - n))
 
     def _sampler(self, params: SamplingParams) -> Any:
         chain = _ll.llama_sampler_chain_init(_ll.llama_sampler_chain_default_params())
@@ -562,8 +501,8 @@ class LlamaCppBackend:
         embeddings: dict[int, np.ndarray] = {}
         pos = 0
         for i, segment in enumerate(prompt.segments):
-            n = segment.n_positions if isinstance(segment, _ImageSlot) else len(segment)
-            if isinstance(segment, _ImageSlot) and pos + n > keep:
+            n = segment.n_positions if isinstance(segment, ImageSlot) else len(segment)
+            if isinstance(segment, ImageSlot) and pos + n > keep:
                 embeddings[i] = self._embeddings(segment)
             pos += n
         stats.image_seconds = time.perf_counter() - start
@@ -601,7 +540,7 @@ class LlamaCppBackend:
         save = prompt.prefix_points[-1] if prompt.prefix_points and prompt.prefix_points[-1][0] > keep else None
         pos = 0
         for i, segment in enumerate(prompt.segments):
-            image = isinstance(segment, _ImageSlot)
+            image = isinstance(segment, ImageSlot)
             n = segment.n_positions if image else len(segment)
             for begin in range(max(keep - pos, 0), n, self.n_batch):
                 end = min(begin + self.n_batch, n)
@@ -628,7 +567,7 @@ class LlamaCppBackend:
             raise ContextOverflowError(f"scoring needs {n} positions, but the context window is {self.n_ctx} "
                                        "tokens (n_ctx)", prompt_tokens=n, n_ctx=self.n_ctx)
         self.reset()
-        embeddings = {i: self._embeddings(s) for i, s in enumerate(prompt.segments) if isinstance(s, _ImageSlot)}
+        embeddings = {i: self._embeddings(s) for i, s in enumerate(prompt.segments) if isinstance(s, ImageSlot)}
         self._evaluate(prompt, embeddings, 0)
         rows = [self._logits_row(-1)]
         rest = tokens[:-1]

@@ -27,7 +27,6 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -39,6 +38,7 @@ from r1v.converters.checkpoint import open_checkpoint
 from ...api import ContextOverflowError, LoadOptions, SamplingParams
 from ...image import TilingConfig, choose_grid, load_image, normalize, tile_image
 from ...torch_ref import KVCache, extract_feature
+from ..prompt import ImageSlot, Prompt, Run, RunStats
 from . import kernels
 from .loader import LoadedAWQ, load_awq, weight_bytes
 from .sampling import Sampler
@@ -64,55 +64,6 @@ def choose_kernel(kernel: str | None, device: torch.device) -> str:
         raise ValueError(f"kernel='triton' cannot run here ({why}): the Triton kernels need CUDA, or "
                          "TRITON_INTERPRET=1 set before triton is imported (slow; for tests)")
     return kernel
-
-
-@dataclass(frozen=True)
-class _ImageSlot:
-    key: tuple
-    image: Any  # PIL RGB
-    grid: tuple[int, int]
-    tiles: int
-    n_positions: int
-    tiling: TilingConfig
-
-
-@dataclass
-class Prompt:
-    segments: list[list[int] | _ImageSlot]
-    items: list[Any]
-    image_positions: int = 0
-
-    @property
-    def n_positions(self) -> int:
-        return len(self.items)
-
-    @property
-    def images(self) -> list[tuple[tuple[int, int] | None, int]]:
-        return [(s.grid, s.tiles) for s in self.segments if isinstance(s, _ImageSlot)]
-
-
-@dataclass
-class RunStats:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    prefill_seconds: float = 0.0
-    image_seconds: float = 0.0
-    time_to_first_token: float = 0.0
-    decode_seconds: float = 0.0
-    images: list[Any] = field(default_factory=list)
-    seed: int | None = None
-
-
-class _Run:
-    def __init__(self, backend: AWQBackend, prompt: Prompt, params: SamplingParams, max_new: int):
-        self.stats = RunStats(prompt_tokens=prompt.n_positions, images=prompt.images)
-        self._gen = backend._generate(prompt, params, max_new, self.stats)
-
-    def __iter__(self) -> Iterator[tuple[int, bytes, bool]]:
-        return self._gen
-
-    def close(self) -> None:
-        self._gen.close()
 
 
 class AWQBackend:
@@ -223,7 +174,7 @@ class AWQBackend:
                 raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
             tiling = dataclasses.replace(tiling, max_tiles=max_tiles, min_tiles=min(tiling.min_tiles, max_tiles))
         slots = [self._slot(source, tiling) for source in images]
-        segments: list[list[int] | _ImageSlot] = []
+        segments: list[list[int] | ImageSlot] = []
         items: list[Any] = []
         for i, text in enumerate(pieces):
             ids = self.tokenize(text)
@@ -241,7 +192,7 @@ class AWQBackend:
                 items.extend((slot.key, j) for j in range(slot.n_positions))
         return Prompt(segments, items, sum(s.n_positions for s in slots))
 
-    def _slot(self, source: Any, tiling: TilingConfig) -> _ImageSlot:
+    def _slot(self, source: Any, tiling: TilingConfig) -> ImageSlot:
         image = load_image(source, tiling)  # ImageError naming the source
         width, height = image.size
         digest = hashlib.blake2b(image.tobytes(), digest_size=16)
@@ -250,10 +201,10 @@ class AWQBackend:
         grid = choose_grid(width, height, tiling)
         tiles = grid[0] * grid[1]
         tiles += int(tiling.use_thumbnail and tiles != 1)
-        return _ImageSlot(key, image, grid, tiles, tiles * self.tokens_per_tile, tiling)
+        return ImageSlot(key, image, grid, tiles, tiles * self.tokens_per_tile, tiling)
 
     @torch.inference_mode()
-    def _embeddings(self, slot: _ImageSlot) -> torch.Tensor:
+    def _embeddings(self, slot: ImageSlot) -> torch.Tensor:
         """[n_positions, hidden] image embeddings in the compute dtype, on the device (cached)."""
         cached = self._image_cache.get(slot.key)
         if cached is not None:
@@ -274,7 +225,7 @@ class AWQBackend:
         return embeddings
 
     # --- generation -----------------------------------------------------------------------------------
-    def start(self, prompt: Prompt, params: SamplingParams) -> _Run:
+    def start(self, prompt: Prompt, params: SamplingParams) -> Run:
         self._live()
         n = prompt.n_positions
         if n >= self.n_ctx:
@@ -283,7 +234,7 @@ class AWQBackend:
                 f"the prompt is {n} tokens{images}, but the context window is {self.n_ctx} tokens (n_ctx), "
                 f"which leaves no room for an answer; load with a larger n_ctx, shorten the conversation, or "
                 f"use fewer or smaller images (max_tiles)", prompt_tokens=n, n_ctx=self.n_ctx)
-        return _Run(self, prompt, params, min(params.max_tokens, self.n_ctx - n))
+        return Run(self, prompt, params, min(params.max_tokens, self.n_ctx - n))
 
     def _generate(self, prompt: Prompt, params: SamplingParams, max_new: int,
                   stats: RunStats) -> Iterator[tuple[int, bytes, bool]]:
@@ -299,8 +250,8 @@ class AWQBackend:
         embeddings: dict[int, torch.Tensor] = {}
         pos = 0
         for i, segment in enumerate(prompt.segments):
-            n = segment.n_positions if isinstance(segment, _ImageSlot) else len(segment)
-            if isinstance(segment, _ImageSlot) and pos + n > keep:
+            n = segment.n_positions if isinstance(segment, ImageSlot) else len(segment)
+            if isinstance(segment, ImageSlot) and pos + n > keep:
                 embeddings[i] = self._embeddings(segment)
             pos += n
         self._sync()
@@ -354,7 +305,7 @@ class AWQBackend:
             parts = []
             pos = 0
             for i, segment in enumerate(prompt.segments):
-                image = isinstance(segment, _ImageSlot)
+                image = isinstance(segment, ImageSlot)
                 n = segment.n_positions if image else len(segment)
                 a, b = max(start, pos) - pos, min(end, pos + n) - pos
                 if a < b:
@@ -381,7 +332,7 @@ class AWQBackend:
             raise ContextOverflowError(f"scoring needs {n} positions, but the context window is {self.n_ctx} "
                                        "tokens (n_ctx)", prompt_tokens=n, n_ctx=self.n_ctx)
         self.reset()
-        embeddings = {i: self._embeddings(s) for i, s in enumerate(prompt.segments) if isinstance(s, _ImageSlot)}
+        embeddings = {i: self._embeddings(s) for i, s in enumerate(prompt.segments) if isinstance(s, ImageSlot)}
         rows = [self._evaluate(prompt, embeddings, 0)[None]]
         rest = tokens[:-1]
         for begin in range(0, len(rest), self.n_batch):

@@ -1,0 +1,72 @@
+"""What both backends (llama.cpp, AWQ) make of a request: images laid out but not encoded yet, the prompt
+as segments and positions, and a run whose statistics fill in while it is iterated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ..image import TilingConfig
+
+__all__ = ["ImageSlot", "Prompt", "Run", "RunStats"]
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """One image of a prompt, loaded and laid out but not encoded yet."""
+
+    key: tuple
+    image: Any  # PIL RGB
+    grid: tuple[int, int] | None  # None: laid out by libmtmd's own tiling
+    tiles: int
+    n_positions: int
+    tiling: TilingConfig | None = None  # InternVL tiling: how to cut it
+
+
+@dataclass
+class Prompt:
+    """A prepared prompt: segments (token id lists and images), and what sits at each position."""
+
+    segments: list[list[int] | ImageSlot]
+    items: list[Any]
+    image_positions: int = 0
+    prefix_points: list[tuple[int, str]] = field(default_factory=list)  # (end of an image, prefix cache key)
+    tile_choice: Any = None  # what an image budget chose (`tile_budget.TileChoice`), if one was given
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.items)
+
+    @property
+    def images(self) -> list[tuple[tuple[int, int] | None, int]]:
+        return [(s.grid, s.tiles) for s in self.segments if isinstance(s, ImageSlot)]
+
+
+@dataclass
+class RunStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    restored_tokens: int = 0
+    estimated_prefill_seconds: float | None = None
+    prefill_seconds: float = 0.0
+    image_seconds: float = 0.0
+    time_to_first_token: float = 0.0
+    decode_seconds: float = 0.0
+    images: list[Any] = field(default_factory=list)
+    seed: int | None = None
+
+
+class Run:
+    """An accepted request: iterate to evaluate the prompt and sample (`backend._generate` yields
+    (token, piece, end) triples); `stats` fill in as it goes."""
+
+    def __init__(self, backend: Any, prompt: Prompt, params: Any, max_new: int):
+        estimate = prompt.tile_choice.estimated_seconds if prompt.tile_choice is not None else None
+        self.stats = RunStats(prompt_tokens=prompt.n_positions, images=prompt.images,
+                              estimated_prefill_seconds=estimate)
+        self._gen = backend._generate(prompt, params, max_new, self.stats)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes, bool]]:
+        return self._gen
+
+    def close(self) -> None:
+        self._gen.close()
