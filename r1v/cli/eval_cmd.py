@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = evaluate(model, items, reference=reference, names=names, max_tokens=args.max_tokens,
                               results_path=output.with_name(output.name + ".items.jsonl"),
-                              progress=sys.stderr.isatty() or True)
+                              progress=True)
         finally:
             if reference is not None:
                 reference.close()
