@@ -1,9 +1,10 @@
-"""The GGUF files of the bundled micro-r1v, built from the shipped checkpoint on first use into the user
-cache (`$XDG_CACHE_HOME/r1v/micro-r1v/<checkpoint hash>/`), so `r1v.load("micro-r1v")` needs no download."""
+"""The GGUF and AWQ files of the bundled micro-r1v, built from the shipped checkpoint on first use into the
+user cache (`$XDG_CACHE_HOME/r1v/micro-r1v/<checkpoint hash>/`), so `r1v.load("micro-r1v")` needs no download."""
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from . import NAME, model_path
@@ -11,7 +12,7 @@ from . import NAME, model_path
 GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
 QUANTS = (*GGUF_QUANTS, "awq")
 DEFAULT_QUANT = "q8_0"
-AWQ_CALIBRATION_ITEMS = 128  # training-split task items, half of them with their image
+AWQ_CALIBRATION_ITEMS = 128  # training-split task items (the task's mixture: most of them with a picture)
 
 
 def cache_root() -> Path:
@@ -51,8 +52,6 @@ def micro_awq() -> Path:
     items = [CalibrationItem(question=i.question, image=i.image(), answer=i.completion, source=i.id)
              for i in task.make_items(task.SPLITS["train"][0] + 5_000_000, AWQ_CALIBRATION_ITEMS)]
     tmp = out.with_name(f".awq-{os.getpid()}.partial")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         quantize_checkpoint_awq(model_path(), tmp, calib=items, group_size=128, progress=False)
