@@ -10,6 +10,10 @@ import pytest
 # Models loaded by the tests write llama.cpp states after images to the prefix cache (on by default): keep
 # them out of the user's cache. Set before any test imports the runtime.
 os.environ.setdefault("R1V_PREFIX_CACHE_DIR", tempfile.mkdtemp(prefix="r1v-test-prefix-cache-"))
+# Without an NVIDIA GPU the AWQ Triton kernels run under Triton's interpreter on CPU tensors. Triton reads the
+# flag when a kernel is defined, so it is set here, before any test module can import triton.
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from r1v.testing import make_tiny_checkpoint
 

@@ -1,7 +1,7 @@
 """The AWQ Triton kernels (GEMV for decode, fused GEMM, dequantize) against the pure-torch path.
 
-On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before triton is imported; numpy
-does the arithmetic, so shapes stay tiny). Reference: x @ W^T in float64 with W the fp16 weight the packed
+On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is
+imported; numpy does the arithmetic, so shapes stay tiny). Reference: x @ W^T in float64 with W the fp16 weight the packed
 tensors stand for (`r1v.quant.pack.dequantize_awq`, bit-identical to AutoAWQ's dequantize_gemm); a kernel's fp16
 output may differ from it by its own rounding: one fp16 unit in the last place of the result (plus fp32
 summation-order effects, 2^-16 of sum |x w|, far below that).
@@ -10,13 +10,9 @@ K not a multiple of 64, and a group size that no power-of-two K tile divides (th
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined (triton.jit)
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; Linux only)")
 
 from r1v.quant.pack import dequantize_awq, pack_awq  # noqa: E402
@@ -26,9 +22,8 @@ from r1v.runtime.backends.awq.qlinear import AWQLinear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-if DEVICE == "cpu" and not kernels._interpreting():
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; the kernels cannot run on CPU",
-                allow_module_level=True)
+# tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU, before triton is imported
+assert DEVICE == "cuda" or kernels._interpreting(), "no GPU and Triton is not interpreting: the kernels cannot run"
 
 # (K, N, G): a K that is not a multiple of 64; the tiny checkpoints' LLM (hidden 64, intermediate 160) and ViT
 # (32 wide); micro-r1v's q/gate and down projections; G=40, which no power-of-two tile divides.

@@ -18,6 +18,7 @@ from r1v.converters.gguf_mmproj import POSITION_ORDER, POSITION_ORDER_KEY, check
 from r1v.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, choose_grid, normalize, prepare_image
 from r1v.runtime.mtmd import MtmdContext, MtmdError, TextModel
 from r1v.testing import make_tiny_checkpoint
+from r1v.testing.images import pattern_pixels
 
 torch = pytest.importorskip("torch")
 from r1v.runtime.torch_ref import R1VModel  # noqa: E402
@@ -61,10 +62,7 @@ def reference(ckpt_path: Path) -> R1VModel:
 
 def _image(width: int, height: int, seed: int = 0) -> np.ndarray:
     """A smooth pattern plus noise: structure for attention to see, every pixel value used."""
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([np.sin(xx / 37.0), np.cos(yy / 23.0), np.sin((xx + yy) / 61.0)], -1) * 0.4 + 0.5
-    noise = np.random.default_rng(seed).normal(0, 0.08, base.shape)
-    return (np.clip(base + noise, 0, 1) * 255).astype(np.uint8)
+    return pattern_pixels(width, height, seed)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

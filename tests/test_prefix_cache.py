@@ -24,6 +24,7 @@ from r1v.converters.gguf import convert_gguf
 from r1v.runtime.api import Model, load
 from r1v.runtime.prefix_cache import FORMAT_VERSION, SUFFIX, PrefixCacheWarning, PrefixStore, file_identity
 from r1v.testing import make_tiny_checkpoint
+from r1v.testing.images import pattern_pixels
 
 # The model of tests/test_runtime_llamacpp.py (seed 8: no near-ties on its greedy paths).
 SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
@@ -33,10 +34,7 @@ GREEDY = dict(temperature=0, repetition_penalty=1.0, max_tokens=16)
 
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([np.sin(xx / 37.0), np.cos(yy / 23.0), np.sin((xx + yy) / 61.0)], -1) * 0.4 + 0.5
-    noise = np.random.default_rng(seed).normal(0, 0.08, base.shape)
-    return Image.fromarray((np.clip(base + noise, 0, 1) * 255).astype(np.uint8))
+    return Image.fromarray(pattern_pixels(width, height, seed))
 
 
 @dataclass

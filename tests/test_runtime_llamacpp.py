@@ -26,6 +26,7 @@ from r1v.runtime.image import ImageError, prepare_image
 from r1v.runtime.reasoning import split_reasoning
 from r1v.runtime.resolve import ModelNotFoundError
 from r1v.testing import make_tiny_checkpoint
+from r1v.testing.images import pattern_pixels
 
 torch = pytest.importorskip("torch")
 from r1v.runtime.torch_ref import R1VModel  # noqa: E402
@@ -45,10 +46,7 @@ STEPS = 32
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A smooth pattern plus noise (as tests/test_gguf_mmproj.py): structure for attention to see."""
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([np.sin(xx / 37.0), np.cos(yy / 23.0), np.sin((xx + yy) / 61.0)], -1) * 0.4 + 0.5
-    noise = np.random.default_rng(seed).normal(0, 0.08, base.shape)
-    return Image.fromarray((np.clip(base + noise, 0, 1) * 255).astype(np.uint8))
+    return Image.fromarray(pattern_pixels(width, height, seed))
 
 
 @dataclass

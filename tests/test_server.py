@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from r1v.testing.images import pattern_pixels
 from PIL import Image
 
 openai = pytest.importorskip("openai")
@@ -45,11 +45,8 @@ QUESTION = "How many red circles are in the image?"
 
 
 def _png(width: int, height: int, seed: int = 0, noise: float = 0.08) -> bytes:
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([np.sin(xx / 37.0), np.cos(yy / 23.0), np.sin((xx + yy) / 61.0)], -1) * 0.4 + 0.5
-    pixels = np.clip(base + np.random.default_rng(seed).normal(0, noise, base.shape), 0, 1)
     buffer = io.BytesIO()
-    Image.fromarray((pixels * 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(pattern_pixels(width, height, seed, noise)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

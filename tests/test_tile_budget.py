@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -18,6 +17,7 @@ from r1v.runtime.prefix_cache import PrefixCacheWarning
 from r1v.runtime.tile_budget import (CostModel, Rates, RateStore, estimate_seconds, image_tiles, measure_rates,
                                      pick_tiles)
 from r1v.testing import make_tiny_checkpoint
+from r1v.testing.images import pattern_pixels
 
 SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
              vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
@@ -83,10 +83,7 @@ def test_rate_store_round_trip_and_damage(tmp_path: Path):
 # --- on the llama.cpp backend ---------------------------------------------------------------------------------
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([np.sin(xx / 37.0), np.cos(yy / 23.0), np.sin((xx + yy) / 61.0)], -1) * 0.4 + 0.5
-    noise = np.random.default_rng(seed).normal(0, 0.08, base.shape)
-    return Image.fromarray((np.clip(base + noise, 0, 1) * 255).astype(np.uint8))
+    return Image.fromarray(pattern_pixels(width, height, seed))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import asyncio
 import base64
 import io
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -121,13 +120,12 @@ def build_tiny_gguf(root: Path) -> Path:
 
 
 def _png(size: int = 448) -> bytes:
-    import numpy as np
     from PIL import Image
 
-    yy, xx = np.mgrid[0:size, 0:size]
-    pixels = np.stack([np.sin(xx / 37.0), np.cos(yy / 23.0), np.sin((xx + yy) / 61.0)], -1) * 0.4 + 0.5
+    from r1v.testing.images import pattern_pixels
+
     buffer = io.BytesIO()
-    Image.fromarray((pixels * 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(pattern_pixels(size, size, noise=0)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
