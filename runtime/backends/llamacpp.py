@@ -50,7 +50,7 @@ from ..api import ContextOverflowError, LoadOptions, NoProjectorError, SamplingP
 from ..image import TilingConfig, choose_grid, load_image, tile_image
 from ..llama_batch import DecodeError, LlamaBatch, decode
 from ..mtmd import MtmdContext, MtmdError, TextModel, rgb_array
-from .prompt import ImageSlot, Prompt, Run, RunStats
+from .prompt import ImageSlot, Prompt, Run, RunStats, interleave, wrap_text_pieces
 from ..prefix_cache import (DEFAULT_MAX_BYTES, PrefixCacheWarning, PrefixHasher, PrefixStore, default_cache_dir,
                             file_identity)
 from ..tile_budget import RATES_FILE, CostModel, Rates, RateStore, TileChoice, measure_rates, pick_tiles
@@ -83,6 +83,7 @@ class LlamaCppBackend:
         self._prefix: PrefixStore | None = None
         self._writers: list[threading.Thread] = []
         self._rates: Rates | None = None
+        self._img_tokens: list[int] = []  # ids of <img> and </img>, read with the vision projector
         self._text = TextModel(self.path, verbose=options.verbose)  # MtmdError if llama.cpp cannot load it
         try:
             self._open(options)
@@ -155,7 +156,7 @@ class LlamaCppBackend:
             raise ValueError(f"{self.mmproj_path}: the projector's output width {self._mtmd.n_embd} does not match "
                              f"the LLM's embedding width {self.n_embd} ({self.path.name}): not the same model")
         self.tokens_per_tile = self._mtmd.layout_for_size(size, size).tokens_per_tile[0]
-        self._img_tokens = []
+        self._img_tokens.clear()
         for tag in (IMG_START, IMG_END):
             ids = self.tokenize(tag)
             if len(ids) != 1:
@@ -379,28 +380,12 @@ class LlamaCppBackend:
                 f"mmproj file was found beside it in {self.path.parent}. Put the matching mmproj-*.gguf there or "
                 f"pass mmproj=PATH to load() (--mmproj PATH on the command line).")
         loaded = [load_image(source, self.tiling) for source in images]  # ImageError naming the source
-        texts = []
-        for i, text in enumerate(pieces):
-            ids = self.tokenize(text)
-            if i == 0 and self._add_bos and (not ids or ids[0] != self._bos):
-                ids.insert(0, self._bos)
-            if i > 0:
-                ids.insert(0, self._img_tokens[1])
-            if i < len(loaded):
-                ids.append(self._img_tokens[0])
-            texts.append(ids)
+        texts = wrap_text_pieces([self.tokenize(text) for text in pieces], len(loaded),
+                                 self._bos if self._add_bos else None, self._img_tokens)
         tiling, choice = self._request_tiling([im.size for im in loaded], sum(map(len, texts)), max_tiles,
                                               image_budget)
         slots = [self._slot(image, tiling) for image in loaded]
-        segments: list[list[int] | ImageSlot] = []
-        items: list[Any] = []
-        for i, ids in enumerate(texts):
-            segments.append(ids)
-            items.extend(ids)
-            if i < len(slots):
-                slot = slots[i]
-                segments.append(slot)
-                items.extend((slot.key, j) for j in range(slot.n_positions))
+        segments, items = interleave(texts, slots)
         points = self._prefix_points(segments) if self._prefix is not None and slots else []
         return Prompt(segments, items, sum(s.n_positions for s in slots), points, choice)
 

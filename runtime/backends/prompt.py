@@ -3,11 +3,11 @@ as segments and positions, and a run whose statistics fill in while it is iterat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from ..image import TilingConfig
 
-__all__ = ["ImageSlot", "Prompt", "Run", "RunStats"]
+__all__ = ["ImageSlot", "Prompt", "Run", "RunStats", "interleave", "wrap_text_pieces"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,38 @@ class Run:
 
     def close(self) -> None:
         self._gen.close()
+
+
+def wrap_text_pieces(pieces: Sequence[list[int]], n_images: int, bos: int | None,
+                     img_tags: Sequence[int] = ()) -> list[list[int]]:
+    """The token ids of the text pieces around `n_images` images, as InternVL-chat lays them out: BOS first
+    (when `bos` is given and the text does not start with it), `</img>` opening each piece after an image,
+    `<img>` closing each piece before one. `img_tags`: the ids of `<img>` and `</img>` (needed with images)."""
+    img_start, img_end = img_tags if n_images else (None, None)
+    texts = []
+    for i, piece in enumerate(pieces):
+        ids = list(piece)
+        if i == 0 and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        if i > 0:
+            ids.insert(0, img_end)
+        if i < n_images:
+            ids.append(img_start)
+        texts.append(ids)
+    return texts
+
+
+def interleave(texts: Sequence[list[int]],
+               slots: Sequence[ImageSlot]) -> tuple[list[list[int] | ImageSlot], list[Any]]:
+    """(segments, items): text pieces and images in prompt order, and what sits at each position (a token id,
+    or (image key, index) for an image embedding)."""
+    segments: list[list[int] | ImageSlot] = []
+    items: list[Any] = []
+    for i, ids in enumerate(texts):
+        segments.append(ids)
+        items.extend(ids)
+        if i < len(slots):
+            slot = slots[i]
+            segments.append(slot)
+            items.extend((slot.key, j) for j in range(slot.n_positions))
+    return segments, items

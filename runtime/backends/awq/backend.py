@@ -38,7 +38,7 @@ from r1v.converters.checkpoint import open_checkpoint
 from ...api import ContextOverflowError, LoadOptions, SamplingParams
 from ...image import TilingConfig, choose_grid, load_image, normalize, tile_image
 from ...torch_ref import KVCache, extract_feature
-from ..prompt import ImageSlot, Prompt, Run, RunStats
+from ..prompt import ImageSlot, Prompt, Run, RunStats, interleave, wrap_text_pieces
 from . import kernels
 from .loader import LoadedAWQ, load_awq, weight_bytes
 from .sampling import Sampler
@@ -174,22 +174,9 @@ class AWQBackend:
                 raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
             tiling = dataclasses.replace(tiling, max_tiles=max_tiles, min_tiles=min(tiling.min_tiles, max_tiles))
         slots = [self._slot(source, tiling) for source in images]
-        segments: list[list[int] | ImageSlot] = []
-        items: list[Any] = []
-        for i, text in enumerate(pieces):
-            ids = self.tokenize(text)
-            if i == 0 and self._add_bos and (not ids or ids[0] != self._bos):
-                ids.insert(0, self._bos)
-            if i > 0:
-                ids.insert(0, self._img_tokens[1])
-            if i < len(slots):
-                ids.append(self._img_tokens[0])
-            segments.append(ids)
-            items.extend(ids)
-            if i < len(slots):
-                slot = slots[i]
-                segments.append(slot)
-                items.extend((slot.key, j) for j in range(slot.n_positions))
+        texts = wrap_text_pieces([self.tokenize(text) for text in pieces], len(slots),
+                                 self._bos if self._add_bos else None, self._img_tokens)
+        segments, items = interleave(texts, slots)
         return Prompt(segments, items, sum(s.n_positions for s in slots))
 
     def _slot(self, source: Any, tiling: TilingConfig) -> ImageSlot:
