@@ -21,7 +21,13 @@ from .gguf_common import ConversionError, atomic_path
 QUANT_FTYPES: dict[str, int] = {
     "q4_0": 2,
     "q8_0": 7,
+    "q2_k": 10,
+    "q3_k_s": 11,
+    "q3_k_m": 12,
+    "q3_k_l": 13,
+    "q4_k_s": 14,
     "q4_k_m": 15,
+    "q5_k_s": 16,
     "q5_k_m": 17,
     "q6_k": 18,
 }
@@ -40,7 +46,7 @@ def quantize_gguf(
     threads: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Quantize GGUF `src` to `dst` as `quant` (q4_k_m, q5_k_m, q6_k, q4_0, q8_0) with llama.cpp.
+    """Quantize GGUF `src` to `dst` as `quant` (a key of QUANT_FTYPES: k-quants, q4_0, q8_0) with llama.cpp.
 
     `imatrix`: an importance matrix file from llama.cpp's imatrix tool (or r1v's calibration), used for the
     k-quant rounding. `threads`: default all cores. `dst` appears only when complete."""

@@ -18,7 +18,8 @@ MSE this search minimises says little; AutoAWQ skips them too), each group's max
 (factors 1, 1 - 1/n_grid, ..., staying above 1 - max_shrink) to minimise the MSE of that group's partial dot
 products on calibration inputs.
 
-Finally every linear is RTN-quantized (in fp16, as AutoAWQ does), the form written to the checkpoint.
+Finally every linear is RTN-quantized (in fp16, as AutoAWQ does), the form written to the checkpoint; or,
+with `rounding="gptq"`, its integers on that same fp16 grid are chosen by GPTQ (quant/gptq.py).
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .gptq import HessianRecorder, gptq_round
 from .rtn import QuantizedWeight, check_groupable, dequantize_rtn, fake_quantize, quantize_rtn
 
+ROUNDINGS = ("rtn", "gptq")
 _CLIP_OUT_CHUNK = 256  # output rows per clip-search batch (bounds the [rows, tokens, groups] products)
 
 
@@ -266,16 +269,22 @@ def quantize_layer_awq(
     n_grid: int = 20,
     scale: bool = True,
     clip: bool = True,
+    rounding: str = "rtn",
+    chunk_rows: int | None = None,
 ) -> dict[str, QuantizedWeight]:
     """AWQ-quantize one decoder layer in place: scale search on the original weights, scales applied, clip
-    search and clipping, then fp16 RTN of every linear. Returns {linear path: (int_weight, zeros, scales)}.
-    `scale=False` / `clip=False` leave a step out (ablations; both off is plain RTN).
+    search and clipping, then every linear rounded to 4 bits on its fp16 RTN grid. Returns {linear path:
+    (int_weight, zeros, scales)}. `scale=False` / `clip=False` leave a step out (both off is plain RTN).
+    `rounding="gptq"` picks the integers on that same grid by GPTQ (quant/gptq.py) instead of to nearest,
+    with each linear's Hessian accumulated over forward passes of `chunk_rows` calibration rows at a time.
 
     `layer_input` [B, T, hidden] and `layer_kwargs` are what `layer(layer_input, **layer_kwargs)` takes (for
     runtime.torch_ref.qwen2.DecoderLayer: cos, sin, cache=None). On return the layer computes with the
     quantized weights (each linear's weight is its dequantized matrix) and carries the folded scales in its
     norms and biases: run it for the next layer's input, save those parameters from it."""
     layer_kwargs = dict(layer_kwargs or {})
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     for name in groups_table.linears:
         check_groupable(layer.get_submodule(name).weight.shape, group_size, f"{name}.weight")
     # AutoAWQ searches every group on the original weights, then applies all scales.
@@ -296,9 +305,19 @@ def quantize_layer_awq(
             apply_clip(linear, search_clip(linear, inputs[linear], group_size, bits, n_grid))
         del inputs
 
+    recorder = None
+    if rounding == "gptq":
+        recorder = HessianRecorder({name: layer.get_submodule(name) for name in groups_table.linears})
+        rows = chunk_rows or layer_input.shape[0]
+        with recorder.recording():
+            for start in range(0, layer_input.shape[0], rows):
+                layer(layer_input[start:start + rows], **layer_kwargs)
     result = {}
     for name in groups_table.linears:
         linear = layer.get_submodule(name)
-        result[name] = quantize_rtn(linear.weight.detach().to(torch.float16), group_size, bits)
-        linear.weight.data = dequantize_rtn(result[name], linear.weight.dtype)
+        grid = quantize_rtn(linear.weight.detach().to(torch.float16), group_size, bits)
+        if recorder is not None:
+            grid = gptq_round(linear.weight, recorder.take(name), grid, bits, name=f"{name}.weight")
+        result[name] = grid
+        linear.weight.data = dequantize_rtn(grid, linear.weight.dtype)
     return result

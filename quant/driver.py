@@ -6,9 +6,9 @@ decoder layer at a time.
    time, then pixel shuffle and mlp1; the LLM input embeddings are the rows of `embed_tokens` the windows
    use (read in blocks, never the whole table), with the `<IMG_CONTEXT>` positions replaced.
 2. For each decoder layer: build it from the checkpoint's tensors (fp32 on CPU, fp16 on CUDA); record its
-   linears' input statistics (importance matrix); AWQ scale + clip search and fp16 RTN
-   (quant/awq.py `quantize_layer_awq`; `method="rtn"` skips both searches); pack each linear (quant/pack.py)
-   and write the layer's part file; run the *quantized* layer (norms and biases rounded to the fp16 they are
+   linears' input statistics (importance matrix); AWQ scale (+ clip) search and 4-bit rounding, to nearest
+   or by GPTQ (quant/awq.py `quantize_layer_awq`; `method` picks the steps, quant/methods.py); pack each
+   linear (quant/pack.py) and write the layer's part file; run the *quantized* layer (norms and biases rounded to the fp16 they are
    stored as) over the calibration hidden states to get the next layer's inputs; free it.
 3. Embeddings, final norm and lm_head are copied fp16; the vision tower and mlp1 fp16 (`vision="fp16"`), or
    the ViT linears weight-only quantized (`int4`: RTN in the same AWQ GEMM layout; `int8`: per-channel
@@ -24,8 +24,9 @@ the same arguments continues from the last finished layer; since every step is d
 hidden states are exact, the output is byte for byte that of an uninterrupted run.
 
 Memory: one decoder layer (fp32 on CPU) + the calibration activations (hidden states [n_samples, seq_len,
-hidden], and what `quantize_layer_awq` captures: every linear's input, the MLP's [n_samples, seq_len,
-intermediate] the largest), never the whole model.
+hidden], and what `quantize_layer_awq`'s scale and clip searches capture: every linear's input, the MLP's
+[n_samples, seq_len, intermediate] the largest; GPTQ's Hessians are accumulated chunk by chunk, [in, in] per
+linear), never the whole model.
 """
 from __future__ import annotations
 
@@ -59,11 +60,11 @@ from .awq import QWEN2_TABLE, quantize_layer_awq
 from .calibration import CalibrationBatch, CalibrationItem, build_calibration_batch, builtin_calibration, \
     calibration_fingerprint, load_calibration
 from .imatrix import Imatrix
+from .methods import DEFAULT_METHOD, METHOD_STEPS, METHODS
 from .pack import PACK, pack_awq
 from .rtn import check_groupable, quantize_rtn
 
 VISION_MODES = ("fp16", "int8", "int4")
-METHODS = ("awq", "rtn")
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 LLM = "language_model.model."
@@ -96,7 +97,7 @@ def quantize_checkpoint_awq(
     vision: str = "fp16",
     n_samples: int = 128,
     seq_len: int = 512,
-    method: str = "awq",
+    method: str = DEFAULT_METHOD,
     device: str = "cpu",
     imatrix_out: str | Path | None = None,
     progress: bool = True,
@@ -395,9 +396,8 @@ class _Run:
         with imatrix.recording(layer, prefix=f"model.layers.{i}.", n_blocks=self.n_layers):
             for s in range(0, hidden.shape[0], rows):
                 layer(hidden[s:s + rows], **kwargs)
-        search = self.opts.method == "awq"
         quantized = quantize_layer_awq(layer, hidden, kwargs, self.opts.group_size, self.opts.bits,
-                                       QWEN2_TABLE, scale=search, clip=search)
+                                       QWEN2_TABLE, chunk_rows=rows, **METHOD_STEPS[self.opts.method])
         tensors = []
         for name, param in layer.named_parameters():
             module_name, _, leaf = name.rpartition(".")

@@ -12,9 +12,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Builds from source (llama-cpp-python, when required) use both cores and pip's wheel cache.
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 .venv/bin/pip install -q -e ".[dev]"
-# AutoAWQ is the tests' independent check of our AWQ packing; it is deprecated and pins old transformers, so
-# it comes without dependencies (only its packing_utils.py is loaded, which needs torch alone).
-.venv/bin/pip install -q --no-deps "autoawq==0.2.9"
+# AutoAWQ and AutoGPTQ are the tests' independent checks of our AWQ packing and GPTQ rounding; both are
+# deprecated and pin old transformers or CUDA builds, so they come without dependencies (only AutoAWQ's
+# packing_utils.py and AutoGPTQ's quantization/gptq.py + quantizer.py are loaded, which need torch alone).
+.venv/bin/pip install -q --no-deps "autoawq==0.2.9" "auto-gptq==0.7.1"
 # Headless Chromium for the viewer's browser test (tests/test_viewer.py skips without it): only when asked
 # (R1V_INSTALL_CHROMIUM=1, or CI=true), as root, with apt-get; a failure here does not stop the setup.
 if [ ! -x /usr/bin/chromium ] && { [ "${R1V_INSTALL_CHROMIUM:-0}" = 1 ] || [ "${CI:-}" = true ]; } \

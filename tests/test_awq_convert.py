@@ -35,6 +35,7 @@ from r1v.quant.calibration import (
 )
 from r1v.quant.driver import embed_calibration_batch, quantize_checkpoint_awq
 from r1v.quant.imatrix import Imatrix, gguf_weight_name
+from r1v.quant.methods import DEFAULT_METHOD, METHODS
 from r1v.runtime.torch_ref import R1VModel
 from r1v.testing import make_tiny_checkpoint
 
@@ -116,7 +117,7 @@ def convert():
 
 @pytest.fixture(scope="module")
 def awq_out(ckpt, convert) -> Path:
-    return convert(ckpt, "awq", imatrix_out=ckpt.parent / "tiny-awq.imatrix.gguf")
+    return convert(ckpt, "default", imatrix_out=ckpt.parent / "tiny-awq.imatrix.gguf")
 
 
 # --- reading the output back with AutoAWQ's code ----------------------------------------------------------------
@@ -332,10 +333,10 @@ def test_output_is_the_autoawq_gemm_layout(ckpt, awq_out):
     assert {k: v for k, v in config.items() if k not in ("quantization_config", "r1v_quantization", "torch_dtype",
                                                          "llm_config", "vision_config")} == \
         {k: v for k, v in source.items() if k not in ("torch_dtype", "llm_config", "vision_config")}
-    assert config["r1v_quantization"]["method"] == "awq" and config["r1v_quantization"]["calibration"]["images"] >= 3
+    assert config["r1v_quantization"]["method"] == DEFAULT_METHOD == "awq+gptq" and config["r1v_quantization"]["calibration"]["images"] >= 3
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (awq_out / name).read_bytes() == (ckpt / name).read_bytes()
-    assert not list(awq_out.parent.glob(".tiny-awq.partial-*"))  # the work directory is gone
+    assert not list(awq_out.parent.glob(f".{awq_out.name}.partial-*"))  # the work directory is gone
 
 
 def test_autoawq_dequantized_output_is_close_to_the_fp_model(ckpt, awq_out, held_out, fp_model):
@@ -353,25 +354,29 @@ def test_autoawq_dequantized_output_is_close_to_the_fp_model(ckpt, awq_out, held
 
 def test_awq_beats_rtn_and_multimodal_vs_text_calibration(ckpt, awq_out, outlier_ckpt, held_out, convert,
                                                           fp_model):
+    """Every method against RTN (same grid, group size and calibration) on held-out multimodal prompts; the
+    default (awq_out) is awq+gptq."""
     kl = {}
-    for label, source, awq in (("tiny-random", ckpt, awq_out),
-                               ("outlier channels", outlier_ckpt, convert(outlier_ckpt, "awq"))):
+    for label, source in (("tiny-random", ckpt), ("outlier channels", outlier_ckpt)):
         reference = fp_model(source)
-        kl[label, "awq"] = mean_kl(reference, load_awq_model(awq), held_out)
-        kl[label, "rtn"] = mean_kl(reference, load_awq_model(convert(source, "rtn", method="rtn")), held_out)
+        for method in METHODS:
+            default = (source, method) == (ckpt, DEFAULT_METHOD)
+            out = awq_out if default else convert(source, f"method-{method}", method=method)
+            kl[label, method] = mean_kl(reference, load_awq_model(out), held_out)
+        _report(f"{label}: mean KL on held-out multimodal prompts, w4 g64: " + ", ".join(
+            f"{m} {kl[label, m]:.4f} ({kl[label, m] / kl[label, 'rtn']:.2f} x RTN)" for m in METHODS))
     text = builtin_calibration(images=False)
-    kl["outlier channels", "awq text-only"] = mean_kl(
-        fp_model(outlier_ckpt), load_awq_model(convert(outlier_ckpt, "awqtext", calib=text)), held_out)
+    kl["outlier channels", "text-only"] = mean_kl(
+        fp_model(outlier_ckpt), load_awq_model(convert(outlier_ckpt, "text", calib=text)), held_out)
+    _report(f"outlier channels, {DEFAULT_METHOD}: calibrated multimodal {kl['outlier channels', DEFAULT_METHOD]:.4f}, "
+            f"text-only {kl['outlier channels', 'text-only']:.4f}")
+    # A random model's activations have no outlier channels, the thing AWQ's scales exploit; with outliers
+    # AWQ's gap is the paper's. GPTQ's rounding gains on both.
     for label in ("tiny-random", "outlier channels"):
-        _report(f"{label}: mean KL on held-out multimodal prompts, w4 g64: AWQ {kl[label, 'awq']:.4f}, "
-                f"RTN {kl[label, 'rtn']:.4f} (AWQ/RTN {kl[label, 'awq'] / kl[label, 'rtn']:.2f})")
-    _report(f"outlier channels: AWQ calibrated multimodal {kl['outlier channels', 'awq']:.4f}, text-only "
-            f"{kl['outlier channels', 'awq text-only']:.4f}")
-    # A random model's activations have no outlier channels, the thing AWQ's scales exploit; its AWQ/RTN
-    # ratio is measured (about 0.7) but not held to. With outliers the gap is the paper's.
+        assert kl[label, DEFAULT_METHOD] <= 0.7 * kl[label, "rtn"]
+        assert kl[label, "awq"] < kl[label, "rtn"] and kl[label, "gptq"] < kl[label, "rtn"]
     assert kl["outlier channels", "awq"] <= 0.7 * kl["outlier channels", "rtn"]
-    assert kl["tiny-random", "awq"] < kl["tiny-random", "rtn"]
-    assert kl["outlier channels", "awq text-only"] < kl["outlier channels", "rtn"]
+    assert kl["outlier channels", "text-only"] < kl["outlier channels", "rtn"]
 
 
 def test_imatrix_holds_every_llm_linear_under_its_gguf_name(ckpt, awq_out):
@@ -457,8 +462,8 @@ def test_refusals_are_clear_and_leave_nothing_behind(ckpt, awq_out, tmp_path):
         quantize_checkpoint_awq(ckpt, out, **{**RUN, "vision": "int4"})
     with pytest.raises(ConversionError, match=r"unknown vision mode 'int2'; choose from fp16, int8, int4"):
         quantize_checkpoint_awq(ckpt, out, **{**RUN, "vision": "int2"})
-    with pytest.raises(ConversionError, match=r"unknown method 'gptq'"):
-        quantize_checkpoint_awq(ckpt, out, **{**RUN, "method": "gptq"})
+    with pytest.raises(ConversionError, match=r"unknown method 'gptq-act-order'; choose from awq\+gptq, awq, gptq, rtn"):
+        quantize_checkpoint_awq(ckpt, out, **{**RUN, "method": "gptq-act-order"})
     with pytest.raises(ConversionError, match=r"bits=3: the AutoAWQ GEMM layout holds 4-bit weights only"):
         quantize_checkpoint_awq(ckpt, out, **{**RUN, "bits": 3})
     assert list(tmp_path.iterdir()) == []

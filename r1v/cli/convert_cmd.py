@@ -7,6 +7,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from r1v.converters.gguf import LLM_QUANTS, MMPROJ_QUANTS
+    from r1v.quant.methods import DEFAULT_METHOD, METHODS
 
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
     gguf = formats.add_parser("gguf", help="LLM + vision projector (mmproj) GGUF files for llama.cpp",
@@ -42,8 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="vision tower: fp16, or weight-only int8/int4 (int4 in the AWQ layout, RTN)")
     awq.add_argument("--n-samples", type=int, default=128, help="calibration windows")
     awq.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
-    awq.add_argument("--method", default="awq", choices=("awq", "rtn"),
-                     help="awq (scale + clip search) or rtn (plain round-to-nearest, the baseline)")
+    awq.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                     help="awq+gptq (AWQ's scale search, then GPTQ rounding; the default), awq (AutoAWQ's scale "
+                          "+ clip search, rounding to nearest), gptq (GPTQ rounding alone) or rtn (plain "
+                          "round-to-nearest, the baseline); every method writes the same AutoAWQ GEMM layout")
     awq.add_argument("--imatrix-out", type=Path, default=None,
                      help="also write the activation statistics as a llama.cpp imatrix (for convert gguf --imatrix)")
     awq.add_argument("--device", default="cpu", help="cpu or cuda (fp16 on CUDA, fp32 on CPU)")

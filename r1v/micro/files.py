@@ -39,14 +39,15 @@ def micro_model(quant: str | None = None) -> Path:
 
 
 def micro_awq() -> Path:
-    """micro-r1v as a 4-bit AWQ checkpoint, made the way `r1v convert awq` makes one, calibrated on the task's
-    own training items (images through the vision tower, chat-templated questions and answers)."""
+    """micro-r1v as a 4-bit AWQ checkpoint, made the way `r1v convert awq` makes one (default method), calibrated
+    on the task's own training items (images through the vision tower, chat-templated questions and answers)."""
     from r1v.quant.calibration import CalibrationItem
     from r1v.quant.driver import quantize_checkpoint_awq
+    from r1v.quant.methods import DEFAULT_METHOD
 
     from . import task
 
-    out = cache_root() / checkpoint_hash() / "awq"
+    out = cache_root() / checkpoint_hash() / f"awq-{DEFAULT_METHOD.replace('+', '-')}"  # a new method: a new build
     if (out / "config.json").is_file():
         return out
     items = [CalibrationItem(question=i.question, image=i.image(), answer=i.completion, source=i.id)
