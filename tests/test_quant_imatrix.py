@@ -121,9 +121,10 @@ def test_bad_input_is_refused(tmp_path):
     assert not (tmp_path / "empty.gguf").exists()
 
 
-def test_llama_cpp_quantizer_follows_our_imatrix(tmp_path):
-    """Q4_K_M through llama_model_quantize with an imatrix that marks 8 columns per matrix 1000x important:
-    the importance-weighted rounding error of every block matrix must drop."""
+@pytest.mark.parametrize("quant", ["q4_k_m", "q3_k_s"])
+def test_llama_cpp_quantizer_follows_our_imatrix(tmp_path, quant):
+    """Q4_K_M / Q3_K_S through llama_model_quantize with an imatrix that marks 8 columns per matrix 1000x
+    important: the importance-weighted rounding error of every block matrix must drop."""
     pytest.importorskip("llama_cpp")
     from gguf.quants import dequantize
 
@@ -144,8 +145,9 @@ def test_llama_cpp_quantizer_follows_our_imatrix(tmp_path):
             imatrix.sums[name], imatrix.counts[name] = importance[name] * 10, 10
     assert len(importance) == 14
     imatrix.save(tmp_path / "imatrix.gguf")
-    plain = quantize_gguf(f16, tmp_path / "plain.gguf", "q4_k_m", progress=False)
-    guided = quantize_gguf(f16, tmp_path / "guided.gguf", "q4_k_m", imatrix=tmp_path / "imatrix.gguf", progress=False)
+    plain = quantize_gguf(f16, tmp_path / "plain.gguf", quant, progress=False)
+    guided = quantize_gguf(f16, tmp_path / "guided.gguf", quant, imatrix=tmp_path / "imatrix.gguf", progress=False)
+    assert quant[:2].upper() + "_K" in {t.tensor_type.name for t in gguf.GGUFReader(guided).tensors}
 
     def weighted_errors(path: Path) -> dict[str, float]:
         out = {}
