@@ -8,8 +8,9 @@ decoder layer at a time.
 2. For each decoder layer: build it from the checkpoint's tensors (fp32 on CPU, fp16 on CUDA); record its
    linears' input statistics (importance matrix); AWQ scale (+ clip) search and 4-bit rounding, to nearest
    or by GPTQ (quant/awq.py `quantize_layer_awq`; `method` picks the steps, quant/methods.py); pack each
-   linear (quant/pack.py) and write the layer's part file; run the *quantized* layer (norms and biases rounded to the fp16 they are
-   stored as) over the calibration hidden states to get the next layer's inputs; free it.
+   linear (quant/pack.py) and write the layer's part file; run the *quantized* layer (norms and biases
+   rounded to the fp16 they are stored as) over the calibration hidden states to get the next layer's
+   inputs; free it.
 3. Embeddings, final norm and lm_head are copied fp16; the vision tower and mlp1 fp16 (`vision="fp16"`), or
    the ViT linears weight-only quantized (`int4`: RTN in the same AWQ GEMM layout; `int8`: per-channel
    symmetric, see converters/awq.py). mlp1 stays fp16 (vLLM builds it unquantized).

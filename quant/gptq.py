@@ -30,14 +30,14 @@ def gptq_round(
     name: str = "weight",
 ) -> QuantizedWeight:
     """The integers of `weight` [out, in] on `grid`'s zeros and scales ([out, in/G]), chosen column by column
-    against `hessian` [in, in] (Σ xᵀx over calibration tokens; only its shape up to a factor matters).
+    against `hessian` [in, in] (Σ xᵀx over calibration tokens; a positive factor on it changes nothing).
     `damp` × mean(diag H) is added to the diagonal, as the reference does, so H is invertible; a float32
     `hessian` on the weight's device is damped in place (the caller hands it over, as HessianRecorder.take)."""
     out, n_in = weight.shape
-    check_groupable(weight.shape, n_in // grid.scales.shape[1], name)
+    group_size = n_in // grid.scales.shape[1]
+    check_groupable(weight.shape, group_size, name)
     if hessian.shape != (n_in, n_in):
         raise ValueError(f"{name}: Hessian of shape {tuple(hessian.shape)} does not fit weight {(out, n_in)}")
-    group_size = n_in // grid.scales.shape[1]
     w = weight.detach().to(torch.float32).clone()
     h = hessian.to(w.device, torch.float32)  # damped in place: at most two [in, in] matrices live at once
     dead = torch.diag(h) == 0  # inputs never active: their columns cannot matter
@@ -69,7 +69,7 @@ def gptq_round(
             block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
             errors[:, i] = err
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
-    return QuantizedWeight(ints.cpu() if grid.int_weight.device.type == "cpu" else ints, grid.zeros, grid.scales)
+    return QuantizedWeight(ints.to(grid.int_weight.device), grid.zeros, grid.scales)
 
 
 class HessianRecorder:

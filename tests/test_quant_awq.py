@@ -193,3 +193,5 @@ def test_quantize_layer_refuses_ungroupable_shapes_naming_them():
     layer = _layer(intermediate=192)
     with pytest.raises(ValueError, match=r"mlp.down_proj.weight of shape \(256, 192\).*group_size 128"):
         quantize_layer_awq(layer, _activations(1, 0), _kwargs(), group_size=128)
+    with pytest.raises(ValueError, match=r"rounding must be one of rtn, gptq, got 'nearest'"):
+        quantize_layer_awq(_layer(), _activations(1, 0), _kwargs(), group_size=64, rounding="nearest")
