@@ -9,13 +9,13 @@ import types
 from pathlib import Path
 from types import ModuleType
 
-import pytest
+from autoawq_oracle import oracle_missing
 
 
 def autogptq_gptq() -> ModuleType:
     spec = importlib.util.find_spec("auto_gptq")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("auto-gptq is not installed (pip install --no-deps auto-gptq==0.7.1): no AutoGPTQ oracle")
+        oracle_missing("auto-gptq is not installed (pip install --no-deps auto-gptq==0.7.1): no AutoGPTQ oracle")
     root = Path(next(iter(spec.submodule_search_locations))) / "quantization"
     package = "_autogptq_oracle"
     if package not in sys.modules:  # gptq.py imports `.quantizer`: give it a package of its own

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .measure import memory_bandwidth_gbps, run_measured
+from .measure import memory_bandwidth_gbps, run_side, timing_figures
 
 # A long, plain instruction so neither side stops early; both decode exactly the same number of tokens.
 PROMPT_PARAGRAPH = (
@@ -233,30 +233,11 @@ def _worker_main(argv: list[str]) -> None:
 # --- the parent: alternate the sides, take medians, compare ----------------------------------------------
 
 def _run_side(side: str, job: dict[str, Any], workdir: Path) -> tuple[dict[str, Any], float]:
-    spec_file, out_file = workdir / f"{side}-job.json", workdir / f"{side}-out.json"
-    spec_file.write_text(json.dumps(job))
-    _, rss = run_measured([sys.executable, "-m", "r1v.bench.generate", side, str(spec_file), str(out_file)])
-    return json.loads(out_file.read_text()), rss
+    return run_side("r1v.bench.generate", side, job, workdir)
 
 
 def _figures(runs: list[tuple[dict[str, Any], float]]) -> SideFigures:
-    def median(key: str, part: str = "text") -> float:
-        return statistics.median(r[part][key] for r, _ in runs)
-
-    text = runs[0][0]["text"]
-    fig = SideFigures(
-        prompt_tokens=text["prompt_tokens"],
-        completion_tokens=text["completion_tokens"],
-        time_to_first_token=round(median("time_to_first_token"), 4),
-        peak_rss_mb=round(statistics.median(rss for _, rss in runs), 1),
-    )
-    fig.prefill_tokens_per_second = round(fig.prompt_tokens / fig.time_to_first_token, 1)
-    decode = statistics.median(r["text"]["decode_seconds"] for r, _ in runs)
-    fig.decode_tokens_per_second = round((fig.completion_tokens - 1) / decode, 2) if decode > 0 else 0.0
-    if "image" in runs[0][0]:
-        fig.image_prompt_tokens = runs[0][0]["image"]["prompt_tokens"]
-        fig.image_time_to_first_token = round(median("time_to_first_token", "image"), 4)
-    return fig
+    return SideFigures(**timing_figures(runs), peak_rss_mb=round(statistics.median(rss for _, rss in runs), 1))
 
 
 def weight_bytes_per_token(gguf_path: str | Path) -> int:

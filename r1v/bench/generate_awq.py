@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .generate import IMAGE_QUESTION, PROMPT_PARAGRAPH
-from .measure import memory_bandwidth_gbps, run_measured
+from .measure import memory_bandwidth_gbps, run_side, timing_figures
 
 SIDES = ("awq", "fp16")
 
@@ -115,32 +115,20 @@ def _worker_main(argv: list[str]) -> None:
 
 # --- the parent --------------------------------------------------------------------------------------------------
 def _run_side(side: str, spec: AWQBenchSpec, workdir: Path) -> tuple[dict[str, Any], float]:
-    spec_file, out_file = workdir / "spec.json", workdir / f"{side}-out.json"
-    spec_file.write_text(json.dumps(asdict(spec)))
-    _, rss = run_measured([sys.executable, "-m", "r1v.bench.generate_awq", side, str(spec_file), str(out_file)])
-    return json.loads(out_file.read_text()), rss
+    return run_side("r1v.bench.generate_awq", side, asdict(spec), workdir)
 
 
 def _figures(runs: list[tuple[dict[str, Any], float]]) -> AWQSideFigures:
-    def median(key: str, part: str = "text") -> float:
-        return statistics.median(r[part][key] for r, _ in runs)
-
     first = runs[0][0]
     cuda = first["gpu"] is not None
     fig = AWQSideFigures(
-        prompt_tokens=first["text"]["prompt_tokens"], completion_tokens=first["text"]["completion_tokens"],
-        time_to_first_token=round(median("time_to_first_token"), 4),
+        **timing_figures(runs),
         peak_memory_mb=round(statistics.median(r["peak_gpu_mb"] if cuda else rss for r, rss in runs), 1),
         weight_bytes_per_token=first["weight_bytes_per_token"], kernel=first["info"]["kernel"],
         dtype=first["info"]["dtype"],
     )
-    fig.prefill_tokens_per_second = round(fig.prompt_tokens / fig.time_to_first_token, 1)
-    decode = median("decode_seconds")
-    fig.decode_tokens_per_second = round((fig.completion_tokens - 1) / decode, 2) if decode > 0 else 0.0
     if "image" in first:
-        fig.image_prompt_tokens = first["image"]["prompt_tokens"]
-        fig.image_time_to_first_token = round(median("time_to_first_token", "image"), 4)
-        fig.image_encode_seconds = round(median("image_seconds", "image"), 4)
+        fig.image_encode_seconds = round(statistics.median(r["image"]["image_seconds"] for r, _ in runs), 4)
     return fig
 
 

@@ -1,12 +1,17 @@
-"""Measurement helpers shared by the benchmarks: a command's own peak RSS, this machine's memory bandwidth."""
+"""Measurement helpers shared by the benchmarks: a command's own peak RSS, a benchmark side run in its own child
+process, the timing figures of its runs, this machine's memory bandwidth."""
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +40,34 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
             stderr = proc.stderr.decode(errors="replace")
             raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{stderr[-2000:]}")
         return seconds, int(report.read()) / 1024  # Linux reports KiB
+
+
+def run_side(module: str, side: str, job: dict[str, Any], workdir: Path) -> tuple[dict[str, Any], float]:
+    """Run the benchmark worker `python -m module SIDE JOB.json OUT.json` with `job`; its JSON result and the
+    child's peak RSS in MB."""
+    job_file, out_file = workdir / f"{side}-job.json", workdir / f"{side}-out.json"
+    job_file.write_text(json.dumps(job))
+    _, rss = run_measured([sys.executable, "-m", module, side, str(job_file), str(out_file)])
+    return json.loads(out_file.read_text()), rss
+
+
+def timing_figures(runs: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
+    """Medians over a side's runs (each a worker result with a "text" part and, for an image prompt, an "image"
+    part): prompt and completion tokens, time to first token, prefill and decode tokens/s, image figures."""
+    def median(key: str, part: str = "text") -> float:
+        return statistics.median(r[part][key] for r, _ in runs)
+
+    first = runs[0][0]
+    fig: dict[str, Any] = {"prompt_tokens": first["text"]["prompt_tokens"],
+                           "completion_tokens": first["text"]["completion_tokens"],
+                           "time_to_first_token": round(median("time_to_first_token"), 4)}
+    fig["prefill_tokens_per_second"] = round(fig["prompt_tokens"] / fig["time_to_first_token"], 1)
+    decode = median("decode_seconds")
+    fig["decode_tokens_per_second"] = round((fig["completion_tokens"] - 1) / decode, 2) if decode > 0 else 0.0
+    if "image" in first:
+        fig["image_prompt_tokens"] = first["image"]["prompt_tokens"]
+        fig["image_time_to_first_token"] = round(median("time_to_first_token", "image"), 4)
+    return fig
 
 
 

@@ -156,7 +156,7 @@ class R1VModel(nn.Module):
         return torch.tensor(out, dtype=torch.long)
 
 
-def _to_torch(raw: np.ndarray, dtype: str) -> torch.Tensor:
+def stored_to_torch(raw: np.ndarray, dtype: str) -> torch.Tensor:
     """A stored tensor (BF16 as uint16 bit patterns) as a torch tensor sharing its memory."""
     with warnings.catch_warnings():  # the mapped view is read-only; callers copy before any write
         warnings.simplefilter("ignore", UserWarning)
@@ -190,7 +190,7 @@ def load_weights(
                 f"{info.file}: tensor {name!r} has shape {list(info.shape)}, the model expects {list(param.shape)}"
             )
     for info in ckpt.iter_tensors():
-        value = _to_torch(ckpt.raw(info.name), info.dtype)
+        value = stored_to_torch(ckpt.raw(info.name), info.dtype)
         # copy=True: never alias the memory map (it is closed with the checkpoint).
         value = value.to(device=device, dtype=dtype, copy=True)
         owner_name, _, leaf = info.name.rpartition(".")

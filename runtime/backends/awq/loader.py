@@ -15,12 +15,10 @@ checkpoint as stored.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +27,7 @@ from r1v.converters.errors import CheckpointError
 
 from ...plan import EMBED_PLACES, GiB, VISION_FORMATS, PlanEntry, awq_key, best_placement, plan_memory
 from ...torch_ref import IMG_CONTEXT, R1VModel
+from ...torch_ref.model import stored_to_torch
 from .qlinear import AWQLinear, Int8Linear, awq_group_size_for, dense_linear
 
 __all__ = ["LoadedAWQ", "Placement", "choose_placement", "load_awq", "parse_memory", "parse_placement",
@@ -133,14 +132,6 @@ class LoadedAWQ:
     embed_device: torch.device
 
 
-def _to_torch(raw: np.ndarray, dtype: str) -> torch.Tensor:
-    with warnings.catch_warnings():  # the mapped view is read-only; every use copies it below
-        warnings.simplefilter("ignore", UserWarning)
-        if dtype == "BF16":
-            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(raw)
-
-
 def _check_quantization(ckpt: Checkpoint) -> int:
     q = ckpt.config.raw.get("quantization_config")
     if not q:  # an unquantized checkpoint: every linear stays a plain one (the pure-torch reference path)
@@ -201,7 +192,7 @@ class _Loader:
         if info is None:
             raise CheckpointError(f"{self.ckpt.path}: tensor {name!r} needed by the model is missing")
         self.used.add(name)
-        value = _to_torch(self.ckpt.raw(name), info.dtype)
+        value = stored_to_torch(self.ckpt.raw(name), info.dtype)
         return value.to(device=device or self.device, dtype=dtype or value.dtype, copy=True)
 
     def run(self) -> None:
