@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .measure import memory_bandwidth_gbps, run_side, timing_figures
+from .measure import TIMING_ROWS, memory_bandwidth_gbps, ratio, run_side, timing_figures
 
 # A long, plain instruction so neither side stops early; both decode exactly the same number of tokens.
 PROMPT_PARAGRAPH = (
@@ -195,8 +195,9 @@ def bench_repeat(model: str, *, image: str, repeat: int = 3, mmproj: str | None 
         "from_disk": {"time_to_first_token": round(from_disk["time_to_first_token"], 4)},
         "load_seconds": [round(first["load_seconds"], 3), round(second["load_seconds"], 3)],
         "peak_rss_mb": [round(rss1, 1), round(rss2, 1)],
-        "ratios": {"first_over_later_in_process": ratio(cold["time_to_first_token"], later),
-                   "first_over_from_disk": ratio(cold["time_to_first_token"], from_disk["time_to_first_token"])},
+        "ratios": {"first_over_later_in_process": round(ratio(cold["time_to_first_token"], later), 1),
+                   "first_over_from_disk": round(ratio(cold["time_to_first_token"],
+                                                       from_disk["time_to_first_token"]), 1)},
     }
 
 
@@ -282,9 +283,6 @@ def bench_generate(model: str, *, mmproj: str | None = None, image: str | None =
     per_token = weight_bytes_per_token(spec.model)
     bound = bandwidth * 1e9 / per_token
 
-    def ratio(a: float, b: float) -> float:
-        return round(a / b, 3) if b else 0.0
-
     ratios = {
         "decode_ratio": ratio(ours.decode_tokens_per_second, direct.decode_tokens_per_second),
         "prefill_ratio": ratio(ours.prefill_tokens_per_second, direct.prefill_tokens_per_second),
@@ -310,13 +308,7 @@ def bench_generate(model: str, *, mmproj: str | None = None, image: str | None =
 def format_results(results: dict[str, Any]) -> str:
     ours, direct = results["ours"], results["llama_cpp_python"]
     rows = [
-        ("prompt tokens", "prompt_tokens", "{:.0f}"),
-        ("prefill tok/s (to first token)", "prefill_tokens_per_second", "{:.1f}"),
-        ("time to first token s", "time_to_first_token", "{:.3f}"),
-        ("decode tok/s", "decode_tokens_per_second", "{:.2f}"),
-        ("decoded tokens", "completion_tokens", "{:.0f}"),
-        ("image prompt tokens", "image_prompt_tokens", "{:.0f}"),
-        ("image time to first token s", "image_time_to_first_token", "{:.3f}"),
+        *TIMING_ROWS,
         ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
     ]
     lines = [f"{results['model']}  ({results['rounds']} alternating rounds, medians)", "",

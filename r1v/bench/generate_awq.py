@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .generate import IMAGE_QUESTION, PROMPT_PARAGRAPH
-from .measure import memory_bandwidth_gbps, run_side, timing_figures
+from .measure import TIMING_ROWS, memory_bandwidth_gbps, ratio, run_side, timing_figures
 
 SIDES = ("awq", "fp16")
 
@@ -157,9 +157,6 @@ def bench_generate_awq(model: str, *, image: str | None = None, prompt_repeats: 
     else:
         bandwidth = memory_bandwidth_gbps(threads=n_threads)
 
-    def ratio(a: float, b: float) -> float:
-        return round(a / b, 3) if b else 0.0
-
     def bound(fig: AWQSideFigures) -> float:
         return bandwidth * 1e9 / fig.weight_bytes_per_token
 
@@ -190,13 +187,7 @@ def format_results(results: dict[str, Any]) -> str:
     where = results["gpu"] or "CPU"
     rows = [
         ("kernel", "kernel", "{}"), ("compute dtype", "dtype", "{}"),
-        ("prompt tokens", "prompt_tokens", "{:.0f}"),
-        ("prefill tok/s (to first token)", "prefill_tokens_per_second", "{:.1f}"),
-        ("time to first token s", "time_to_first_token", "{:.3f}"),
-        ("decode tok/s", "decode_tokens_per_second", "{:.2f}"),
-        ("decoded tokens", "completion_tokens", "{:.0f}"),
-        ("image prompt tokens", "image_prompt_tokens", "{:.0f}"),
-        ("image time to first token s", "image_time_to_first_token", "{:.3f}"),
+        *TIMING_ROWS,
         ("  of which vision tower s", "image_encode_seconds", "{:.3f}"),
         ("peak memory MB" + (" (GPU)" if results["gpu"] else " (RSS)"), "peak_memory_mb", "{:.0f}"),
         ("weights read per token MB", "weight_bytes_per_token", "{:.1f}"),

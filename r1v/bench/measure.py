@@ -51,6 +51,23 @@ def run_side(module: str, side: str, job: dict[str, Any], workdir: Path) -> tupl
     return json.loads(out_file.read_text()), rss
 
 
+# (title, figure, format) of the rows every generate benchmark prints, in order
+TIMING_ROWS = (
+    ("prompt tokens", "prompt_tokens", "{:.0f}"),
+    ("prefill tok/s (to first token)", "prefill_tokens_per_second", "{:.1f}"),
+    ("time to first token s", "time_to_first_token", "{:.3f}"),
+    ("decode tok/s", "decode_tokens_per_second", "{:.2f}"),
+    ("decoded tokens", "completion_tokens", "{:.0f}"),
+    ("image prompt tokens", "image_prompt_tokens", "{:.0f}"),
+    ("image time to first token s", "image_time_to_first_token", "{:.3f}"),
+)
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b to three decimals; 0 when b is 0 (a figure not measured)."""
+    return round(a / b, 3) if b else 0.0
+
+
 def timing_figures(runs: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
     """Medians over a side's runs (each a worker result with a "text" part and, for an image prompt, an "image"
     part): prompt and completion tokens, time to first token, prefill and decode tokens/s, image figures."""
