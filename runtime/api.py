@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from .resolve import ResolvedModel
 
 __all__ = [
-    "ContextOverflowError", "ImageInfo", "LoadOptions", "Model", "NoProjectorError", "Result", "SamplingParams",
-    "StreamChunk", "generate", "load",
+    "ContextOverflowError", "ImageInfo", "LoadOptions", "MismatchedProjectorError", "Model", "NoProjectorError",
+    "Result", "SamplingParams", "StreamChunk", "generate", "load",
 ]
 
 FinishReason = Literal["stop", "length", "stop_string"]
@@ -51,6 +51,10 @@ class NoProjectorError(ValueError):
     """Images were given to a model loaded without a vision projector (mmproj)."""
 
 
+class MismatchedProjectorError(ValueError):
+    """The vision projector (mmproj) was converted from another checkpoint than the LLM beside it."""
+
+
 # --- options --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -58,7 +62,9 @@ class LoadOptions:
     """How to find and run a model. ``None`` means: the file's or the backend's own choice.
 
     quant / mmproj / cache_dir / offline: passed to `resolve_model` (pick a GGUF quant; the projector file
-    when not beside the model; the Hugging Face cache; no downloads).
+    when not beside the model; the Hugging Face cache; no downloads). allow_mismatched_mmproj: load a
+    projector whose provenance (`r1v.source.*`) names another checkpoint than the model's (refused by default:
+    `MismatchedProjectorError`).
     n_ctx: context window in tokens (prompt + output, images included: 256 per 448-pixel tile).
     n_threads: decoding threads (default: half the CPUs available, at least 1); n_threads_batch: prompt
     and image threads (default: all CPUs available). n_batch: tokens per llama_decode call in the prompt.
@@ -75,6 +81,9 @@ class LoadOptions:
     least recently used entries evicted (default 2 GiB). image_budget: seconds the prompt may take before the
     first token: images get the largest max_tiles whose estimate fits, from this machine's encode and prefill
     rates (measured once per model, stored beside the prefix cache).
+    extra_buffers: GGUF only: llama.cpp's extra weight buffer types (CPU_REPACK, AMX). None: on, except where
+    llama.cpp's CPU backend has AMX, whose matrix product crashes on many hosts ($R1V_LLAMA_AMX=1 allows it);
+    True: on (AMX included); False: off (llama.cpp's --no-repack). See runtime/llama_params.py.
 
     AWQ checkpoints only (`backends.awq`): device ("cuda", "cuda:1", "cpu"; default CUDA when there is one);
     device_memory: the memory budget ("24GB" = 24 GiB, or bytes) from which `r1v plan` picks the placement,
@@ -84,6 +93,7 @@ class LoadOptions:
 
     quant: str | None = None
     mmproj: str | Path | None = None
+    allow_mismatched_mmproj: bool = False
     n_ctx: int = 8192
     n_threads: int | None = None
     n_threads_batch: int | None = None
@@ -101,6 +111,7 @@ class LoadOptions:
     prefix_cache_dir: str | Path | None = None
     prefix_cache_max_bytes: int | None = None
     image_budget: float | None = None
+    extra_buffers: bool | None = None
     device: str | None = None
     device_memory: int | str | None = None
     placement: str | None = None
@@ -402,7 +413,7 @@ class Model:
         rendered = self.render(messages_or_prompt, images)
         self._cancel()
         tiling = {k: v for k, v in (("max_tiles", max_tiles), ("image_budget", image_budget)) if v is not None}
-        prompt = self._backend.prepare(rendered.pieces, rendered.images, **tiling)
+        prompt = self._backend.prepare(rendered.fragments, rendered.images, **tiling)
         active = self._active = _Active(self._backend.start(prompt, params))
         return self._chunks(active, rendered, params)
 
@@ -472,7 +483,7 @@ class Model:
         the answer to the prompt: row i is the distribution after the prompt and tokens[:i] (`r1v eval`)."""
         rendered = self.render(messages_or_prompt, images)
         self._cancel()
-        prompt = self._backend.prepare(rendered.pieces, rendered.images)
+        prompt = self._backend.prepare(rendered.fragments, rendered.images)
         return self._backend.logprobs(prompt, tokens)
 
     def reset(self) -> None:

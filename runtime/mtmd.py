@@ -38,6 +38,8 @@ from llama_cpp import llama_cpp as _ll
 from llama_cpp import mtmd_cpp as _mt
 from llama_cpp._logger import set_verbose as _set_llama_verbose
 
+from .llama_params import model_params
+
 __all__ = [
     "Chunk", "ImageEmbedding", "ImageSpan", "MtmdContext", "MtmdError", "TextModel", "TileLayout",
     "TokenizedPrompt", "rgb_array",
@@ -171,15 +173,14 @@ class TextModel:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, vocab_only: bool = False, n_gpu_layers: int = 0,
-                 verbose: bool = False):
+                 extra_buffers: bool | None = None, verbose: bool = False):
         path = Path(path)
         if not path.is_file():
             raise MtmdError(f"{path}: text model file not found")
         _backend_init()
         _set_llama_verbose(verbose)  # as llama_cpp.Llama does: quiet llama.cpp's loader
-        params = _ll.llama_model_default_params()
-        params.vocab_only = vocab_only
-        params.n_gpu_layers = n_gpu_layers
+        # the AMX guard (llama_params): no AMX weight buffers where they would crash, unless asked for
+        params = model_params(vocab_only=vocab_only, n_gpu_layers=n_gpu_layers, extra_buffers=extra_buffers)
         model = _ll.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise MtmdError(f"{path}: llama.cpp could not load the text model")

@@ -11,6 +11,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q "torch==${R1V_TORCH_VERSION:-2.13.0}"
 # Builds from source (llama-cpp-python, when required) use both cores and pip's wheel cache.
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
+# llama.cpp is built for this CPU (-march=native) but without its AMX matrix product, which segfaults on many
+# AMX hosts (llama.cpp #20824): a build without it keeps the CPU_REPACK weight layout that the runtime's AMX
+# guard (runtime/llama_params.py) must otherwise switch off. On CPUs without AMX the flag changes nothing.
+export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__"
 .venv/bin/pip install -q -e ".[dev]"
 # AutoAWQ and AutoGPTQ are the tests' independent checks of our AWQ packing and GPTQ rounding; both are
 # deprecated and pin old transformers or CUDA builds, so they come without dependencies (only AutoAWQ's

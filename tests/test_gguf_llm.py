@@ -23,6 +23,7 @@ from r1v.converters.gguf_common import ConversionError
 from r1v.converters.gguf_llm import QWEN2_TENSORS, gguf_tensor_name, write_llm_gguf
 from r1v.converters.gguf_quantize import quantize_gguf
 from r1v.converters.gguf_vocab import accept_list_content, build_vocab, render_chat_template
+from r1v.runtime.llama_params import open_llama
 from r1v.resources import chat_template
 from r1v.runtime.torch_ref import R1VModel
 from r1v.testing import make_tiny_checkpoint
@@ -85,7 +86,7 @@ def reference(ckpt_dir) -> R1VModel:
 
 
 def _load(path: Path) -> llama_cpp.Llama:
-    return llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+    return open_llama(path, logits_all=True, n_ctx=256, n_threads=2, verbose=False)
 
 
 def _logits(llm: llama_cpp.Llama, ids: list[int]) -> np.ndarray:
@@ -302,7 +303,7 @@ def test_metadata_and_tensor_types(ckpt_dir, files):
             "tokenizer.ggml.padding_token_id": tok.token_to_id("<|endoftext|>"),
             "tokenizer.ggml.add_bos_token": False,
             "tokenizer.chat_template": ckpt.tokenizer.chat_template,
-            "r1v.source.checkpoint": str(ckpt_dir),
+            "r1v.source.checkpoint": ckpt_dir.name,
             "r1v.source.config_sha256": ckpt.config.sha256,
             "r1v.quant": "f16",
         }

@@ -16,6 +16,7 @@ from r1v.converters.gguf_common import ConversionError
 from r1v.converters.gguf_llm import write_llm_gguf
 from r1v.converters.gguf_mmproj import POSITION_ORDER, POSITION_ORDER_KEY, check_mmproj_supported, write_mmproj_gguf
 from r1v.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, choose_grid, normalize, prepare_image
+from r1v.runtime.llama_params import open_llama
 from r1v.runtime.mtmd import MtmdContext, MtmdError, TextModel
 from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
@@ -312,7 +313,7 @@ def test_image_question_greedy_tokens_match_torch_reference(files: dict[str, Pat
     image = _image(448, 448, seed=5)
     prefix, suffix = "<|im_start|>user\n", "\nHow many shapes?<|im_end|>\n<|im_start|>assistant\n<think>\n"
     steps = 24
-    llama = llama_cpp.Llama(str(files["llm"]), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    llama = open_llama(files["llm"], n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
     with MtmdContext(files["f16"], llama, n_threads=2) as ctx, \
             ctx.tokenize(prefix + ctx.marker + suffix, [image]) as prompt:
         llama.reset()

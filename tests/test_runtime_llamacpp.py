@@ -23,6 +23,7 @@ import r1v
 from r1v.converters.gguf import convert_gguf
 from r1v.runtime.api import ContextOverflowError, LoadOptions, Model, NoProjectorError, SamplingParams, load
 from r1v.runtime.image import ImageError, prepare_image
+from r1v.runtime.llama_params import open_llama
 from r1v.runtime.reasoning import split_reasoning
 from r1v.runtime.resolve import ModelNotFoundError
 from r1v.testing import make_tiny_checkpoint
@@ -163,7 +164,7 @@ def test_libmtmd_tiling_matches_libmtmds_own_evaluation(files: Files):
         prompt_text = ours.render(question, images=[image]).text
     assert result.images == [((3, 2), 7)]
 
-    llama = llama_cpp.Llama(str(files.llm), n_ctx=4096, n_threads=1, n_threads_batch=1, verbose=False)
+    llama = open_llama(files.llm, n_ctx=4096, n_threads=1, n_threads_batch=1, verbose=False)
     try:
         with MtmdContext(files.mmproj, llama, n_threads=1) as ctx, \
                 ctx.tokenize(prompt_text.replace("<image>", ctx.marker), [np.asarray(image)]) as prompt:

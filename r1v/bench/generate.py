@@ -43,6 +43,7 @@ class BenchSpec:
     n_batch: int
     image: str | None
     flash_attn: bool
+    extra_buffers: bool | None = None  # llama.cpp's extra weight buffer types; None: the AMX guard decides
 
 
 @dataclass
@@ -63,7 +64,7 @@ def _ours(spec: BenchSpec) -> dict[str, Any]:
     from r1v.runtime.api import LoadOptions, load
 
     options = LoadOptions(mmproj=spec.mmproj, n_ctx=spec.n_ctx, n_threads=spec.n_threads, n_batch=spec.n_batch,
-                          flash_attn=spec.flash_attn)
+                          flash_attn=spec.flash_attn, extra_buffers=spec.extra_buffers)
     out: dict[str, Any] = {}
     with load(spec.model, options) as model:
         prompt = PROMPT_PARAGRAPH * spec.prompt_repeats
@@ -87,9 +88,12 @@ def _direct(spec: BenchSpec, prompt: str, n_tokens: int, image_prompt: str | Non
     import llama_cpp
     import numpy as np
 
-    llama = llama_cpp.Llama(spec.model, n_ctx=spec.n_ctx, n_batch=spec.n_batch, flash_attn=spec.flash_attn,
-                            verbose=False,
-                            **({"n_threads": spec.n_threads} if spec.n_threads else {}))
+    from r1v.runtime.llama_params import open_llama
+
+    # llama_cpp.Llama with the same AMX guard as ours (else it crashes where ours runs)
+    llama = open_llama(spec.model, extra_buffers=spec.extra_buffers, n_ctx=spec.n_ctx, n_batch=spec.n_batch,
+                       flash_attn=spec.flash_attn, verbose=False,
+                       **({"n_threads": spec.n_threads} if spec.n_threads else {}))
     out: dict[str, Any] = {}
     prompt_ids = llama.tokenize(prompt.encode(), add_bos=True, special=True)  # as the model asks (BOS or not)
     start = time.perf_counter()
@@ -254,8 +258,11 @@ def weight_bytes_per_token(gguf_path: str | Path) -> int:
 
 def bench_generate(model: str, *, mmproj: str | None = None, image: str | None = None, quant: str | None = None,
                    prompt_repeats: int = 12, max_tokens: int = 64, n_ctx: int = 4096, n_threads: int | None = None,
-                   n_batch: int = 512, flash_attn: bool = True, rounds: int = 3) -> dict[str, Any]:
-    """Measure both sides `rounds` times, alternating; return figures, ratios and the bandwidth bound."""
+                   n_batch: int = 512, flash_attn: bool = True, rounds: int = 3,
+                   extra_buffers: bool | None = None) -> dict[str, Any]:
+    """Measure both sides `rounds` times, alternating; return figures, ratios and the bandwidth bound.
+    `extra_buffers` applies to both sides (None: the AMX guard of runtime/llama_params decides)."""
+    from r1v.runtime.llama_params import choose_buffers, system_info
     from r1v.runtime.resolve import resolve_model
 
     resolved = resolve_model(model, quant=quant, mmproj=mmproj)
@@ -264,7 +271,7 @@ def bench_generate(model: str, *, mmproj: str | None = None, image: str | None =
                          f"(got {resolved.format})")
     mmproj_path = str(resolved.mmproj) if resolved.mmproj else None
     spec = BenchSpec(str(resolved.path), mmproj_path, prompt_repeats, max_tokens, n_ctx, n_threads, n_batch,
-                     image if mmproj_path else None, flash_attn)
+                     image if mmproj_path else None, flash_attn, extra_buffers)
     ours_runs: list[tuple[dict[str, Any], float]] = []
     direct_runs: list[tuple[dict[str, Any], float]] = []
     with tempfile.TemporaryDirectory(prefix="r1v-bench-generate-") as tmp:
@@ -294,7 +301,7 @@ def bench_generate(model: str, *, mmproj: str | None = None, image: str | None =
                                                           direct.image_time_to_first_token)
     return {
         "model": spec.model, "mmproj": spec.mmproj, "rounds": rounds, "n_threads": n_threads,
-        "flash_attn": flash_attn,
+        "flash_attn": flash_attn, "extra_buffers": asdict(choose_buffers(system_info(), extra_buffers)),
         "ours": asdict(ours), "llama_cpp_python": asdict(direct), "ratios": ratios,
         "bandwidth": {
             "memory_bandwidth_gbps": round(bandwidth, 2), "weight_bytes_per_token": per_token,
@@ -311,7 +318,8 @@ def format_results(results: dict[str, Any]) -> str:
         *TIMING_ROWS,
         ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
     ]
-    lines = [f"{results['model']}  ({results['rounds']} alternating rounds, medians)", "",
+    lines = [f"{results['model']}  ({results['rounds']} alternating rounds, medians)",
+             f"llama.cpp weight buffers: {results['extra_buffers']['reason']}", "",
              f"{'':<34}{'r1v':>12}{'llama-cpp-python':>18}"]
     for title, key, fmt in rows:
         lines.append(f"{title:<34}{fmt.format(ours[key]):>12}{fmt.format(direct[key]):>18}")

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generate.add_argument("--n-batch", type=int, default=512)
     generate.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
                           help="flash attention off on both sides (default: on for both)")
+    generate.add_argument("--extra-buffers", choices=["auto", "on", "off"], default="auto",
+                          help="GGUF, both sides: llama.cpp's extra weight buffer types (CPU_REPACK, AMX); "
+                               "auto: on unless llama.cpp has AMX (R1V_LLAMA_AMX=1 allows it); default %(default)s")
     generate.add_argument("--rounds", type=int, default=3, help="alternating rounds per side (medians reported)")
     generate.add_argument("--repeat", type=int, default=None, metavar="N",
                           help="instead: the prefix cache - time to first token for N questions about --image, the "
@@ -83,9 +86,13 @@ def run(args: argparse.Namespace) -> int:
         results = bench_generate(args.model, mmproj=args.mmproj, image=args.image, quant=args.quant,
                                  prompt_repeats=args.prompt_repeats, max_tokens=args.max_tokens, n_ctx=args.n_ctx,
                                  n_threads=args.n_threads, n_batch=args.n_batch, flash_attn=args.flash_attn,
-                                 rounds=args.rounds)
+                                 rounds=args.rounds, extra_buffers=_on_off(args.extra_buffers))
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0
+
+
+def _on_off(value: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[value]
 
 
 def _is_awq(model: str, quant: str | None) -> bool:

@@ -46,18 +46,46 @@ import numpy as np
 
 from llama_cpp import llama_cpp as _ll
 
-from ..api import ContextOverflowError, LoadOptions, NoProjectorError, SamplingParams
+from ..api import ContextOverflowError, LoadOptions, MismatchedProjectorError, NoProjectorError, SamplingParams
 from ..image import TilingConfig, choose_grid, load_image, tile_image
 from ..llama_batch import DecodeError, LlamaBatch, decode
 from ..mtmd import MtmdContext, MtmdError, TextModel, rgb_array
-from .prompt import ImageSlot, Prompt, Run, RunStats, interleave, wrap_text_pieces
+from .prompt import ImageSlot, Prompt, Run, RunStats, TextPiece, interleave, tokenize_pieces, wrap_text_pieces
+from ..resolve import GGUFHeader, read_gguf_header
 from ..prefix_cache import (DEFAULT_MAX_BYTES, PrefixCacheWarning, PrefixHasher, PrefixStore, default_cache_dir,
                             file_identity)
 from ..tile_budget import RATES_FILE, CostModel, Rates, RateStore, TileChoice, measure_rates, pick_tiles
 
-__all__ = ["LlamaCppBackend"]
+__all__ = ["LlamaCppBackend", "check_same_source"]
 
 IMG_START, IMG_END = "<img>", "</img>"
+
+
+# Provenance keys the converter writes into both files of a model (`converters.gguf_common.add_provenance`)
+# that tell which checkpoint they come from: the config's hash, and the checkpoint's directory name.
+SOURCE_KEYS = ("r1v.source.config_sha256", "r1v.source.checkpoint")
+
+
+def _source_value(header: GGUFHeader, key: str) -> str | None:
+    value = header.get(key)
+    if not isinstance(value, str) or not value:
+        return None
+    if key == "r1v.source.checkpoint":  # older files store the converting machine's path: compare its name
+        value = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return value
+
+
+def check_same_source(model: GGUFHeader, mmproj: GGUFHeader) -> None:
+    """Refuse a projector converted from another checkpoint than the LLM: the same shapes run, but give
+    garbage. Only keys both files carry are compared (stock-converted or older files have none: no check)."""
+    for key in SOURCE_KEYS:
+        ours, theirs = _source_value(model, key), _source_value(mmproj, key)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise MismatchedProjectorError(
+                f"{mmproj.path} does not belong to {model.path}: they come from different checkpoints ({key} is "
+                f"{theirs!r} in the projector, {ours!r} in the model). Give the projector converted with this model "
+                f"(mmproj=PATH, --mmproj PATH), or load with allow_mismatched_mmproj=True "
+                f"(--allow-mismatched-mmproj) if you are sure they go together")
 
 
 def _available_cpus() -> int:
@@ -84,7 +112,13 @@ class LlamaCppBackend:
         self._writers: list[threading.Thread] = []
         self._rates: Rates | None = None
         self._img_tokens: list[int] = []  # ids of <img> and </img>, read with the vision projector
-        self._text = TextModel(self.path, verbose=options.verbose)  # MtmdError if llama.cpp cannot load it
+        # Whole GGUF files, checked before llama.cpp and libmtmd see them (they abort or say "invalid magic").
+        self._header = read_gguf_header(self.path, "model")
+        self._mmproj_header = read_gguf_header(self.mmproj_path, "vision projector") if self.mmproj_path else None
+        if self._mmproj_header is not None and not options.allow_mismatched_mmproj:
+            check_same_source(self._header, self._mmproj_header)
+        # MtmdError if llama.cpp cannot load it
+        self._text = TextModel(self.path, extra_buffers=options.extra_buffers, verbose=options.verbose)
         try:
             self._open(options)
         except BaseException:
@@ -112,7 +146,10 @@ class LlamaCppBackend:
                                "(too little memory? try a smaller n_ctx)")
         self._ctx = ctx
         self._memory = _ll.llama_get_memory(ctx)
-        self.n_ctx = int(_ll.llama_n_ctx(ctx))
+        # llama.cpp pads the KV cache (64 asked -> 256 cells) but caps its batch at the n_ctx asked for, and
+        # aborts on a larger batch: the window is what was asked, the batch what llama.cpp took.
+        self.n_ctx = min(options.n_ctx, int(_ll.llama_n_ctx(ctx)))
+        self.n_batch = min(self.n_batch, int(_ll.llama_n_batch(ctx)))
         self.n_embd = int(_ll.llama_model_n_embd_inp(model))
         self._batch = LlamaBatch(self.n_batch)
         self._kv: list[Any] = []  # what the KV cache holds, position by position
@@ -134,14 +171,7 @@ class LlamaCppBackend:
                 self.rates()  # measured now (once per machine and model) rather than in the first request
 
     def _open_vision(self, options: LoadOptions) -> None:
-        import gguf
-
-        reader = gguf.GGUFReader(self.mmproj_path)
-
-        def kv(name: str, default: Any = None) -> Any:
-            f = reader.get_field(name)
-            return f.contents() if f is not None else default
-
+        kv = self._mmproj_header.get
         projector = kv("clip.projector_type")
         if options.tiling == "internvl" and projector != "internvl":
             raise ValueError(f"{self.mmproj_path}: projector type {projector!r}, not 'internvl': InternVL tiling "
@@ -150,7 +180,6 @@ class LlamaCppBackend:
         min_tiles = int(kv("clip.vision.preproc_min_tiles", 1))
         max_tiles = options.max_tiles or int(kv("clip.vision.preproc_max_tiles", 12))
         self.tiling = TilingConfig(image_size=size, min_tiles=min(min_tiles, max_tiles), max_tiles=max_tiles)
-        del reader
         self._mtmd = MtmdContext(self.mmproj_path, self._text, n_threads=self.n_threads_batch)
         if self._mtmd.n_embd != self.n_embd:
             raise ValueError(f"{self.mmproj_path}: the projector's output width {self._mtmd.n_embd} does not match "
@@ -182,7 +211,8 @@ class LlamaCppBackend:
 
         self._prefix_context = {  # everything besides the prompt that the saved numbers depend on
             "model": file_identity(self.path), "mmproj": file_identity(self.mmproj_path),
-            "llama_cpp": llama_cpp.__version__, "n_batch": self.n_batch, "n_ubatch": min(self.n_batch, 512),
+            "llama_cpp": llama_cpp.__version__, "n_batch": self.n_batch,
+            "n_ubatch": int(_ll.llama_n_ubatch(self._ctx)),
             "flash_attn": options.flash_attn, "tiling": options.tiling,
         }
 
@@ -366,9 +396,9 @@ class LlamaCppBackend:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
     # --- prompts ------------------------------------------------------------------------------------
-    def prepare(self, pieces: Sequence[str], images: Sequence[Any], *, max_tiles: int | None = None,
+    def prepare(self, pieces: Sequence[TextPiece], images: Sequence[Any], *, max_tiles: int | None = None,
                 image_budget: float | None = None) -> Prompt:
-        """Tokenize the text pieces, load the images and lay them out (tile counts, positions); no model
+        """Tokenize the text pieces (`tokenize_pieces`), load the images and lay them out (tile counts, positions); no model
         work yet (except measuring this machine's rates once, for a first image budget). `max_tiles` and
         `image_budget` (seconds) override the load options for this prompt."""
         self._live()
@@ -380,7 +410,7 @@ class LlamaCppBackend:
                 f"mmproj file was found beside it in {self.path.parent}. Put the matching mmproj-*.gguf there or "
                 f"pass mmproj=PATH to load() (--mmproj PATH on the command line).")
         loaded = [load_image(source, self.tiling) for source in images]  # ImageError naming the source
-        texts = wrap_text_pieces([self.tokenize(text) for text in pieces], len(loaded),
+        texts = wrap_text_pieces(tokenize_pieces(self.tokenize, pieces), len(loaded),
                                  self._bos if self._add_bos else None, self._img_tokens)
         tiling, choice = self._request_tiling([im.size for im in loaded], sum(map(len, texts)), max_tiles,
                                               image_budget)
