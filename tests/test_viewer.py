@@ -75,8 +75,9 @@ def _shapes(path: Path) -> Path:
 def results(tmp_path: Path) -> Path:
     _shapes(tmp_path / "shapes.png")
     inputs = tmp_path / "cases.jsonl"
-    inputs.write_text(json.dumps({"image": "shapes.png", "question": "How many red circles are there?"}) + "\n"
-                      + json.dumps({"image": "missing.png", "question": "What about this one?"}) + "\n")
+    inputs.write_text(json.dumps({"image": "shapes.png", "question": "How many red circles are there?", "answer": "3."})
+                      + "\n" + json.dumps({"image": "missing.png", "question": "What about this one?", "answer": "2"})
+                      + "\n")
     out = tmp_path / "out" / "results.jsonl"
     run_batch(Model(_ScriptedBackend(), None, LoadOptions()), BatchConfig(inputs, out, progress=False),
               out=io.StringIO())
@@ -96,15 +97,20 @@ def _get(url: str) -> tuple[int, bytes, str]:
 def test_results_are_read_from_both_formats(results: Path):
     views, images = load_results(results)
     ours, failed, skywork = views
-    assert ours["answer"] == "3" and [r["kind"] for r in ours["rounds"]] == [
+    assert (ours["answer"], ours["expected"], ours["correct"]) == ("3", "3.", True)  # as `r1v eval` compares
+    assert (failed["expected"], failed["correct"]) == ("2", None)  # failed: not graded
+    assert (skywork["expected"], skywork["correct"]) == (None, None)  # no expected answer
+    assert [r["kind"] for r in ours["rounds"]] == [
         "think", "tool_call", "observation", "think", "answer"]
     assert images[0] == [results.parent / "../shapes.png"] and ours["images"] == ["/image/0/0"]
+    assert ours["image_errors"] == ["outside the image root"]  # by default, the results file's folder
+    assert load_results(results, image_root=results.parent.parent)[0][0]["image_errors"] == [None]
     assert "image not found" in failed["error"]
     assert skywork["answer"] == "Hello." and [r["kind"] for r in skywork["rounds"]] == ["think", "answer"]
 
 
 def test_server_gives_the_page_the_results_and_only_their_images(results: Path):
-    with ViewerServer(results) as url:
+    with ViewerServer(results, image_root=results.parent.parent) as url:
         status, page, kind = _get(url)
         assert status == 200 and kind.startswith("text/html") and b"r1v results" in page
         status, body, _ = _get(url + "api/results")
@@ -132,6 +138,9 @@ def test_view_command_serves_until_stopped(results: Path):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
                 time.sleep(0.1)
         assert status == 200 and len(json.loads(body)["results"]) == 3
+        assert proc.stdout.readline() == f"r1v view: {results} at http://127.0.0.1:{port}/ (Ctrl-C stops)\n"
+        assert proc.stdout.readline() == (f"r1v view: 1 image outside {results.parent} will not be shown "
+                                          "(--image-root DIR serves the images under DIR)\n")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -148,7 +157,7 @@ def test_page_in_headless_chromium(results: Path, tmp_path: Path):
                     "bash scripts/setup.sh)")
     sync_api = pytest.importorskip("playwright.sync_api")
     screenshot = tmp_path / "viewer.png"
-    with ViewerServer(results) as url, sync_api.sync_playwright() as p:
+    with ViewerServer(results, image_root=results.parent.parent) as url, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
@@ -175,9 +184,14 @@ def test_page_in_headless_chromium(results: Path, tmp_path: Path):
             assert rounds.nth(0).evaluate("d => d.open")
             assert "crop the left half" in rounds.nth(0).locator("pre").inner_text()
             assert first.locator(".final-answer").inner_text() == "3"
+            assert first.locator(".expected").inner_text() == "expected: 3."
+            assert first.locator(".mark").inner_text() == "✓ correct"
+            assert "correct" in first.get_attribute("class").split()
+            assert cards.nth(1).locator(".mark").count() == 0  # failed: not graded
             assert "image not found" in cards.nth(1).locator(".error").inner_text()
             assert cards.nth(2).locator(".final-answer").inner_text() == "Hello."
             assert page.locator("#stats").inner_text().replace("\n", " ").startswith("3 results")
+            assert page.locator("#stats span").nth(3).inner_text() == "1/1 correct"  # the failed one is not graded
             assert errors == []
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
@@ -187,3 +201,69 @@ def test_page_in_headless_chromium(results: Path, tmp_path: Path):
     assert len(shot.convert("RGB").resize((60, 60)).getcolors(3600)) > 20  # not a blank page
     if os.environ.get("R1V_SCREENSHOT"):
         shutil.copy(screenshot, os.environ["R1V_SCREENSHOT"])
+
+
+def _results_file(folder: Path, images: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "r1v": {"index": i, "image_path": image, "answer": "1"},
+                                        "response": {"full_response": "1"}}) + "\n"
+                            for i, image in enumerate(images)))
+    return path
+
+
+def test_images_are_served_only_from_under_the_root_without_symlinks_out(tmp_path: Path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:secret\n")
+    _shapes(tmp_path / "outside.png")
+    root = tmp_path / "run"
+    (root / "imgs").mkdir(parents=True)
+    png = _shapes(root / "imgs" / "a.png")
+    (root / "imgs" / "link.png").symlink_to(secret)  # the case: imgs/link.png -> /etc/passwd
+    (root / "imgs" / "out.png").symlink_to(tmp_path / "outside.png")  # a real image, but outside
+    (root / "imgs" / "in.png").symlink_to(png)  # a link that stays inside is fine
+    os.mkfifo(root / "imgs" / "fifo.png")  # reading it would hang the request
+    results = _results_file(root, ["imgs/a.png", "imgs/link.png", "imgs/out.png", "../outside.png", str(secret),
+                                   "imgs/in.png", "imgs/fifo.png", "imgs/none.png"])
+    views, _ = load_results(results)
+    assert [v["image_errors"] for v in views] == [
+        [None], ["outside the image root"], ["outside the image root"], ["outside the image root"],
+        ["outside the image root"], [None], ["not a regular file"], ["not found"]]
+    with ViewerServer(results) as url:
+        assert _get(url + "image/0/0")[:2] == (200, png.read_bytes())
+        assert _get(url + "image/5/0")[:2] == (200, png.read_bytes())
+        for n in (1, 2, 3, 4):
+            status, body, _ = _get(url + f"image/{n}/0")
+            assert (status, json.loads(body)["error"].split(": ", 1)[1]) == (403, "outside the image root"), n
+        assert _get(url + "image/6/0")[0] == 403
+        assert _get(url + "image/7/0")[0] == 404
+    with ViewerServer(results, image_root=tmp_path) as url:  # an explicit root takes in what lies under it...
+        assert _get(url + "image/3/0")[:2] == (200, (tmp_path / "outside.png").read_bytes())
+        assert _get(url + "image/2/0")[0] == 200
+        status, body, _ = _get(url + "image/4/0")  # ...but never what is not an image
+        assert (status, json.loads(body)["error"]) == (403, "secret.txt: not an image")
+    with pytest.raises(FileNotFoundError, match="image root not found: .*nowhere"):
+        ViewerServer(results, image_root=tmp_path / "nowhere")
+
+
+def test_foreign_host_headers_are_refused(results: Path):
+    import http.client
+
+    def get(port: int, host: str | None) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.putrequest("GET", "/api/results", skip_host=True)
+        if host is not None:
+            connection.putheader("Host", host)
+        connection.endheaders()
+        status = connection.getresponse().status
+        connection.close()
+        return status
+
+    with ViewerServer(results) as url:
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}"):
+            assert get(port, host) == 200, host
+        # DNS rebinding: a page from evil.example whose name now resolves to 127.0.0.1
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1", None,
+                     f"localhost.evil.example:{port}", f"127.0.0.1:{port}@evil.example"):
+            assert get(port, host) == 403, host

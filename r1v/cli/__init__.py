@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from r1v.converters.errors import CheckpointError
@@ -47,13 +48,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(f"r1v.cli.{args._module}")
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"r1v {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"r1v {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> int:
+    """`r1v ... | head`: the reader left. Quiet, as Python's docs advise (signal module, "Note on SIGPIPE"):
+    point stdout at /dev/null so the flush at exit does not fail again, and exit as a process killed by
+    SIGPIPE does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":
