@@ -18,14 +18,24 @@ handed to the template is always a string, so any template that renders string c
 converter's templates also accept lists, this module does not rely on it). Internally each image renders as a
 private sentinel so the text can be cut at exactly the images the caller gave: text a user types, even a
 literal ``<image>``, stays text. Jinja runs sandboxed, like transformers and llama-cpp-python do.
+
+Message text is data, the template's own text is structure: the text of system, user, tool and developer
+messages renders between two private markers, so the rendered prompt knows where it landed
+(`RenderedPrompt.fragments`), and the backends tokenize it with special tokens off - a user who types
+``<|im_end|>``, ``<|im_start|>``, ``<img>`` or ``<IMG_CONTEXT>`` gets those characters as text, not the
+control tokens that end a turn or open an image slot (as llama-server and vLLM treat message content). Only
+the template's own ``<|im_start|>`` ... stay control tokens. Assistant turns are the model's own text (and
+templates rewrite them, e.g. drop the reasoning), so they render as before. The sentinel and markers are
+Unicode noncharacters (U+FDD0..U+FDD2), removed from message text on the way in.
 """
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = [
     "IMAGE_PLACEHOLDER", "RenderedPrompt", "message_images", "normalize_messages", "render_prompt",
@@ -33,8 +43,11 @@ __all__ = [
 ]
 
 IMAGE_PLACEHOLDER = "<image>"  # what the rendered prompt shows for each image (InternVL / Skywork convention)
-_SENTINEL = "<|r1v-image|>"  # stands for one image while the template renders; never left in any output
+_SENTINEL = "\ufdd0"  # stands for one image while the template renders; never left in any output
+_OPEN, _CLOSE = "\ufdd1", "\ufdd2"  # around message text while the template renders (where it lands)
+_PRIVATE = str.maketrans("", "", _SENTINEL + _OPEN + _CLOSE)
 _ROLES = ("system", "user", "assistant", "tool", "developer")
+_TEXT_ROLES = ("system", "user", "tool", "developer")  # whose text is never parsed for special tokens
 
 
 @dataclass(frozen=True)
@@ -46,10 +59,26 @@ class RenderedPrompt:
     pieces: list[str]
     images: list[Any] = field(default_factory=list)
     starts_in_reasoning: bool = False
+    message_spans: list[list[tuple[int, int]]] = field(default_factory=list)  # per piece: [start, end) of message text
 
     @property
     def text(self) -> str:
         return IMAGE_PLACEHOLDER.join(self.pieces)
+
+    @property
+    def fragments(self) -> list[list[tuple[str, bool]]]:
+        """Each piece as (text, parse_special) fragments: the template's text True, message text False."""
+        out = []
+        for i, piece in enumerate(self.pieces):
+            spans = self.message_spans[i] if i < len(self.message_spans) else []
+            parts, at = [], 0
+            for start, end in spans:
+                parts += [(piece[at:start], True)] if start > at else []
+                parts.append((piece[start:end], False))
+                at = end
+            parts += [(piece[at:], True)] if at < len(piece) or not parts else []
+            out.append(parts)
+        return out
 
 
 def starts_in_reasoning(prompt: str, open_tag: str = "<think>", close_tag: str = "</think>") -> bool:
@@ -186,10 +215,65 @@ def _compile(template: str):
         raise ValueError(f"chat template does not compile: {e}") from None
 
 
-def _content_text(content: str | list[dict[str, Any]]) -> str:
+def _whole(text: str) -> str:
+    """Message text between the markers, whitespace included: tokenized as one run, as in the whole prompt."""
+    return f"{_OPEN}{text}{_CLOSE}" if text else text
+
+
+def _inner(text: str) -> str:
+    """The markers inside the surrounding whitespace: for a template that trims message text."""
+    core = text.strip()
+    if not core:
+        return text
+    start = len(text) - len(text.lstrip())
+    return f"{text[:start]}{_OPEN}{core}{_CLOSE}{text[start + len(core):]}"
+
+
+def _content_text(content: str | list[dict[str, Any]], role: str, mark: Callable[[str], str] | None) -> str:
+    def text(t: str) -> str:
+        t = t.translate(_PRIVATE)
+        return mark(t) if mark is not None and role in _TEXT_ROLES else t
+
     if isinstance(content, str):
-        return content
-    return "".join(p["text"] if p["type"] == "text" else _SENTINEL + "\n" for p in content)
+        return text(content)
+    return "".join(text(p["text"]) if p["type"] == "text" else _SENTINEL + "\n" for p in content)
+
+
+def _split_rendered(text: str) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """The rendered text cut at the image sentinels, without markers, and where message text lies in each
+    piece (adjacent spans merged: two text parts in a row are one text). ValueError if the markers do not
+    pair up: the template cut a message's text or moved part of it."""
+    pieces, spans, current, mine, open_at = [], [], [], [], None
+    length = 0
+    for chunk in filter(None, re.split(f"([{_SENTINEL}{_OPEN}{_CLOSE}])", text)):
+        if chunk == _OPEN:
+            if open_at is not None:
+                raise ValueError("the chat template rendered a message's text inside another's")
+            open_at = length
+        elif chunk == _CLOSE:
+            if open_at is None:
+                raise ValueError("the chat template cut a message's text (a template must render each message's "
+                                 "content once, whole)")
+            if mine and mine[-1][1] == open_at:
+                open_at = mine.pop()[0]
+            if length > open_at:
+                mine.append((open_at, length))
+            open_at = None
+        elif chunk == _SENTINEL:
+            if open_at is not None:
+                raise ValueError("the chat template rendered an image inside a message's text")
+            pieces.append("".join(current))
+            spans.append(mine)
+            current, mine, length = [], [], 0
+        else:
+            current.append(chunk)
+            length += len(chunk)
+    if open_at is not None:
+        raise ValueError("the chat template cut a message's text (a template must render each message's content "
+                         "once, whole)")
+    pieces.append("".join(current))
+    spans.append(mine)
+    return pieces, spans
 
 
 def render_prompt(template: str, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
@@ -198,24 +282,42 @@ def render_prompt(template: str, messages: Sequence[Mapping[str, Any]], *, add_g
     from jinja2 import TemplateError
 
     images = message_images(messages)
-    flat = [{**m, "content": _content_text(m["content"])} for m in messages]
 
-    def render(generation_prompt: bool) -> str:
+    def render(generation_prompt: bool, mark: Callable[[str], str] | None = None) -> str:
+        flat = [{**m, "content": _content_text(m["content"], m["role"], mark)} for m in messages]
         try:
             return _compile(template).render(messages=flat, add_generation_prompt=generation_prompt,
                                              bos_token=bos_token, eos_token=eos_token, **extra)
         except TemplateError as e:
             raise ValueError(f"chat template failed to render: {e}") from None
 
-    text = render(add_generation_prompt)
-    pieces = text.split(_SENTINEL)
+    # Where message text lands: rendered between markers, which must leave the text as the template renders
+    # it without them (markers around leading/trailing whitespace change what a trimming template does, so
+    # those go inside it there). A template that changes the text some other way gets the marked text.
+    plain = render(add_generation_prompt).split(_SENTINEL)
+    found: tuple[list[str], list[list[tuple[int, int]]]] | None = None
+    error: ValueError | None = None
+    for mark in (_whole, _inner):
+        try:
+            marked = _split_rendered(render(add_generation_prompt, mark))
+        except ValueError as e:  # the template cut the markers apart
+            error = error or e
+            continue
+        if marked[0] == plain:
+            found = marked
+            break
+        found = found or marked
+    if found is None:
+        raise error
+    pieces, spans = found
     if len(pieces) != len(images) + 1:
         raise ValueError(f"the chat template rendered {len(pieces) - 1} image placeholders for {len(images)} images "
                          "(a template must render each message's content once)")
     # Only what the generation prompt adds decides where the output starts: a <think> left unclosed in an
     # earlier turn of the conversation does not.
+    text = IMAGE_PLACEHOLDER.join(pieces)
     tail = text
     if add_generation_prompt:
-        without = render(False)
+        without = render(False).replace(_SENTINEL, IMAGE_PLACEHOLDER)
         tail = text[len(without):] if text.startswith(without) else text
-    return RenderedPrompt(pieces, images, starts_in_reasoning(tail))
+    return RenderedPrompt(pieces, images, starts_in_reasoning(tail), spans)

@@ -92,7 +92,13 @@ class LlamaBatch:
 
 
 def decode(ctx: Any, batch: LlamaBatch) -> None:
-    """llama_decode, raising DecodeError on failure."""
-    rc = _ll.llama_decode(ctx, batch.struct)
+    """llama_decode, raising DecodeError on failure - also for a batch larger than the context's n_batch, which
+    llama.cpp would not report but abort the process on (GGML_ASSERT n_tokens_all <= n_batch)."""
+    struct = batch.struct
+    n_batch = int(_ll.llama_n_batch(ctx))
+    if struct.n_tokens > n_batch:
+        raise DecodeError(f"a batch of {struct.n_tokens} positions for a context that takes at most {n_batch} per "
+                          "llama_decode call (n_batch); split it")
+    rc = _ll.llama_decode(ctx, struct)
     if rc != 0:
         raise DecodeError(f"llama_decode failed ({rc}): {_DECODE_ERRORS.get(rc, 'error')}")

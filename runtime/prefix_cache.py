@@ -18,14 +18,18 @@ file (another model's, another format's) is detected, ignored with a `PrefixCach
 recomputed - never trusted. Entries are written to a temporary file in the same directory and renamed over
 the final name (`os.replace`, atomic), so concurrent writers of the same entry leave one whole entry and a
 reader never sees a partial one. The directory is bounded in bytes; least recently used entries go first
-(a hit refreshes the file's mtime).
+(a hit refreshes the file's mtime). Only regular files are read, never through a symbolic link and never larger
+than the bound allows: a FIFO, device or link put where an entry belongs is ignored and removed, not opened
+(a FIFO would block the reader forever).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import secrets
+import stat
 import struct
 import threading
 import time
@@ -119,7 +123,11 @@ class EntryInfo:
 
 
 class _Bad(Exception):
-    """Why an entry file cannot be used."""
+    """Why an entry file cannot be used; `seen`: the stat of the name, when it is to be removed before reading."""
+
+    def __init__(self, reason: str, seen: os.stat_result | None = None):
+        super().__init__(reason)
+        self.seen = seen
 
 
 class PrefixStore:
@@ -149,21 +157,25 @@ class PrefixStore:
             return None
         path = self.path_for(key)
         try:
-            f = open(path, "rb")
+            f, st = _open_entry(path, self._largest_entry())
         except FileNotFoundError:
+            return None
+        except _Bad as e:
+            self._warn(path, str(e))
+            _remove_if_same(path, e.seen)
             return None
         except OSError as e:
             self._warn(path, f"cannot be read ({e})")
             return None
         with f:
             try:
-                header, payload = _read_entry(f, os.fstat(f.fileno()).st_size)
+                header, payload = _read_entry(f, st.st_size)
                 if header.get("key") != key:
                     raise _Bad(f"it belongs to another model or prompt (key {str(header.get('key'))[:16]}..., "
                                f"expected {key[:16]}...)")
             except _Bad as e:
                 self._warn(path, str(e))
-                _remove_if_same(path, os.fstat(f.fileno()))
+                _remove_if_same(path, st)
                 return None
             except OSError as e:
                 self._warn(path, f"cannot be read ({e})")
@@ -179,7 +191,7 @@ class PrefixStore:
         with self._lock:
             if key in self._memory:
                 return True
-        return self.directory is not None and self.path_for(key).is_file()
+        return self.directory is not None and _is_regular(self.path_for(key))
 
     # --- writing ------------------------------------------------------------------------------------
     def put(self, key: str, payload: bytes | bytearray, meta: Mapping[str, Any] | None = None) -> Path | None:
@@ -194,7 +206,7 @@ class PrefixStore:
         if self.directory is None or len(payload) > self.max_bytes:
             return None
         path = self.path_for(key)
-        if path.is_file():
+        if _is_regular(path):
             try:
                 os.utime(path)
                 return path
@@ -260,8 +272,10 @@ class PrefixStore:
             if not path.name.endswith(SUFFIX):
                 continue
             try:
-                st = path.stat()
+                st = path.lstat()  # the name's own size: a link is not followed
             except FileNotFoundError:  # removed by another process meanwhile
+                continue
+            if stat.S_ISDIR(st.st_mode):  # not ours to remove
                 continue
             if path.name.startswith(TMP_PREFIX):
                 if time.time() - st.st_mtime > _STALE_TMP_SECONDS:  # a writer that died
@@ -289,7 +303,8 @@ class PrefixStore:
         for path, st in self._files():
             created, meta = None, {}
             try:
-                with open(path, "rb") as f:
+                f, _ = _open_entry(path, self._largest_entry())
+                with f:
                     header = _read_header(f)
                 created, meta = header.get("created"), dict(header.get("meta") or {})
             except (OSError, _Bad) as e:
@@ -309,17 +324,58 @@ class PrefixStore:
         for path in self.directory.iterdir():
             if path.name.endswith(SUFFIX):
                 try:
-                    size += path.stat().st_size
+                    st = path.lstat()
+                    if stat.S_ISDIR(st.st_mode):
+                        continue
+                    size += st.st_size
                     path.unlink()
                     n += not path.name.startswith(TMP_PREFIX)
                 except FileNotFoundError:
                     pass
         return n, size
 
+    def _largest_entry(self) -> int:
+        """The most bytes an entry file of this store can have: `write` keeps no payload over `max_bytes`."""
+        return _PREAMBLE.size + _MAX_HEADER + self.max_bytes
+
     @staticmethod
     def _warn(path: Path, reason: str) -> None:
         warnings.warn(f"prefix cache: ignoring {path}: {reason}; it will be recomputed", PrefixCacheWarning,
                       stacklevel=3)
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _open_entry(path: Path, max_size: int) -> tuple[Any, os.stat_result]:
+    """Open an entry file for reading: a regular file of at most `max_size` bytes, the name itself (a link is
+    not followed: O_NOFOLLOW) and without waiting on a FIFO swapped in meanwhile (O_NONBLOCK, which changes
+    nothing for a regular file). Anything else raises _Bad(reason, lstat of the name) before a byte is read."""
+    seen = path.lstat()  # FileNotFoundError: no entry
+    if not stat.S_ISREG(seen.st_mode):
+        raise _Bad(f"not a regular file but {_KINDS.get(stat.S_IFMT(seen.st_mode), 'a special file')}", seen)
+    if seen.st_size > max_size:
+        raise _Bad(f"{seen.st_size} bytes, more than an entry of this cache can have ({max_size})", seen)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # replaced by a link since the lstat
+            raise _Bad("not a regular file but a symbolic link", path.lstat()) from None
+        raise
+    st = os.fstat(fd)
+    if (st.st_ino, st.st_dev) != (seen.st_ino, seen.st_dev) or not stat.S_ISREG(st.st_mode) or st.st_size > max_size:
+        os.close(fd)
+        raise _Bad("replaced while it was being opened", st)
+    return os.fdopen(fd, "rb"), st
 
 
 def _read_header(f: Any) -> dict[str, Any]:
@@ -363,10 +419,12 @@ def _read_entry(f: Any, file_size: int) -> tuple[dict[str, Any], bytes]:
     return header, payload
 
 
-def _remove_if_same(path: Path, seen: os.stat_result) -> None:
+def _remove_if_same(path: Path, seen: os.stat_result | None) -> None:
     """Remove a bad entry unless another process has meanwhile replaced it with a new file."""
+    if seen is None:
+        return
     try:
-        now = path.stat()
+        now = path.lstat()
         if (now.st_ino, now.st_dev) == (seen.st_ino, seen.st_dev):
             path.unlink()
     except OSError:

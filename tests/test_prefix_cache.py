@@ -12,7 +12,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +168,49 @@ def test_entry_of_another_model_is_ignored(plain: Model, files: Files, tmp_path:
         assert result.restored_tokens == 0 and result.tokens == expected
 
 
+@contextmanager
+def _unblocking(fifo: Path, seconds: float = 20.0):
+    """A reader blocked on `fifo` (the bug: open() of a FIFO waits for a writer forever) is released after
+    `seconds` by a writer that opens and closes it, so that the test fails instead of hanging. Yields a list
+    that holds True if that was needed."""
+    done, hung = threading.Event(), []
+
+    def watch() -> None:
+        if not done.wait(seconds):
+            hung.append(True)
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while a reader waits
+            except OSError:
+                pass
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield hung
+    finally:
+        done.set()
+        watcher.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifo_in_place_of_an_entry_neither_hangs_nor_is_used(plain: Model, files: Files, tmp_path: Path):
+    """A FIFO where the entry belongs: generate warns, recomputes and answers (before: open() blocked forever)."""
+    question = "How many shapes?"
+    expected = _fresh(plain, question, images=[WIDE]).tokens
+    with _cached(files.llm, tmp_path) as model:
+        model.generate(question, images=[WIDE], **GREEDY)
+    (entry,) = _entries(tmp_path)
+    entry.unlink()
+    os.mkfifo(entry)
+    with _cached(files.llm, tmp_path) as model, _unblocking(entry) as hung:
+        with pytest.warns(PrefixCacheWarning, match="not a regular file but a FIFO"):
+            result = model.generate(question, images=[WIDE], **GREEDY)
+        _settle(model)
+    assert not hung, "generate blocked on the FIFO"
+    assert result.restored_tokens == 0 and result.tokens == expected
+    assert entry.is_file()  # the FIFO was removed and the entry written again
+
+
 def test_prefix_cache_off_writes_nothing(files: Files, tmp_path: Path):
     with load(files.llm, prefix_cache=False, prefix_cache_dir=tmp_path, **THREADS) as model:
         model.generate("How many?", images=[SQUARE], **GREEDY)
@@ -224,6 +269,41 @@ def test_store_checks_version_magic_and_evicts_lru(tmp_path: Path):
     with pytest.warns(PrefixCacheWarning, match="not a prefix cache entry"):
         assert store.get(keys[3]) is None
     assert store.get(hashlib.sha256(b"never stored").hexdigest()) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_store_opens_only_regular_files_never_through_links(tmp_path: Path):
+    """FIFO, link to a valid entry, link to a FIFO, directory, oversized file: each is ignored with a warning
+    naming what it is, before a byte is read; `get`, `contains`, `entries` and `clear` never block on them."""
+    outside = PrefixStore(tmp_path / "outside")
+    store = PrefixStore(tmp_path / "store", memory_bytes=0, max_bytes=4096)
+    keys = [hashlib.sha256(bytes([i])).hexdigest() for i in range(6)]
+    real = outside.put(keys[1], b"x" * 100)
+    os.mkfifo(tmp_path / "outside" / "pipe")
+    store.directory.mkdir()
+    os.mkfifo(store.path_for(keys[0]))
+    store.path_for(keys[1]).symlink_to(real)  # a valid entry, but behind a link
+    store.path_for(keys[2]).symlink_to(tmp_path / "outside" / "pipe")
+    store.path_for(keys[3]).mkdir()
+    with open(store.path_for(keys[4]), "wb") as f:  # a sparse file: larger than any entry of a 4 KiB store
+        f.truncate(1 << 30)
+    cases = [(keys[0], "not a regular file but a FIFO"), (keys[1], "not a regular file but a symbolic link"),
+             (keys[2], "not a regular file but a symbolic link"), (keys[3], "not a regular file but a directory"),
+             (keys[4], f"{1 << 30} bytes, more than an entry of this cache can have")]
+    for key, message in cases:
+        with _unblocking(store.path_for(key), 10.0) as hung, pytest.warns(PrefixCacheWarning, match=message):
+            assert store.get(key) is None
+        assert not hung, f"get() blocked on {message}"
+        assert not store.contains(key)
+    assert not store.path_for(keys[0]).exists() and not store.path_for(keys[1]).is_symlink()  # removed
+    assert real.is_file() and (tmp_path / "outside" / "pipe").exists()  # what the links pointed at is untouched
+    os.mkfifo(store.path_for(keys[5]))
+    with _unblocking(store.path_for(keys[5]), 10.0) as hung:
+        listed = {e.key: e.meta for e in store.entries()}
+    assert not hung and "FIFO" in listed[keys[5]]["error"]
+    assert store.clear()[0] == 1 and store.path_for(keys[3]).is_dir()  # the FIFO removed, the directory left
+    store.put(keys[0], b"y" * 100)  # and a valid entry is written and read as before
+    assert PrefixStore(store.directory).get(keys[0]) == b"y" * 100
 
 
 def test_file_identity_follows_content_not_name(files: Files, tmp_path: Path):

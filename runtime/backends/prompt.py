@@ -3,11 +3,15 @@ as segments and positions, and a run whose statistics fill in while it is iterat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 from ..image import TilingConfig
 
-__all__ = ["ImageSlot", "Prompt", "Run", "RunStats", "interleave", "wrap_text_pieces"]
+__all__ = ["ImageSlot", "Prompt", "Run", "RunStats", "TextPiece", "interleave", "tokenize_pieces", "wrap_text_pieces"]
+
+# The text between two images: a string (all of it parsed for special tokens), or (text, parse_special)
+# fragments, as `RenderedPrompt.fragments` gives them (message text not parsed for special tokens).
+TextPiece = Union[str, Sequence[tuple[str, bool]]]
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,16 @@ class Run:
 
     def close(self) -> None:
         self._gen.close()
+
+
+def tokenize_pieces(tokenize: Callable[..., list[int]], pieces: Sequence[TextPiece]) -> list[list[int]]:
+    """Token ids of each text piece with a backend's `tokenize(text, special=...)`: message text with special
+    tokens off, so that typed ``<|im_end|>`` or ``<IMG_CONTEXT>`` stays text; the template's text with them on."""
+    out = []
+    for piece in pieces:
+        fragments = [(piece, True)] if isinstance(piece, str) else piece
+        out.append([t for text, special in fragments for t in tokenize(text, special=special)])
+    return out
 
 
 def wrap_text_pieces(pieces: Sequence[list[int]], n_images: int, bos: int | None,
