@@ -30,7 +30,7 @@ R1V4_OUTPUT = ("The picture has circles; I should crop the left half to count th
                '<tool_call>{"name": "code", "arguments": {"code": "img.crop((0, 0, 160, 240))"}}</tool_call>\n'
                '<observation>{"result": "3 red circles", "type": "code"}</observation>\n'
                "<think>The crop shows 3 red circles and nothing else is red.</think>\n<answer>3</answer>")
-SKYWORK_LINE = {"image": "", "question": "This is a text-only question",
+SKYWORK_LINE = {"image": "", "question": "This is a text-only question", "answer": "Goodbye.",
                 "response": {"full_response": "<think>\nPlain text.\n</think>\n<answer>\nHello.\n</answer>",
                              "raw_response": {}}}
 
@@ -99,7 +99,7 @@ def test_results_are_read_from_both_formats(results: Path):
     ours, failed, skywork = views
     assert (ours["answer"], ours["expected"], ours["correct"]) == ("3", "3.", True)  # as `r1v eval` compares
     assert (failed["expected"], failed["correct"]) == ("2", None)  # failed: not graded
-    assert (skywork["expected"], skywork["correct"]) == (None, None)  # no expected answer
+    assert (skywork["expected"], skywork["correct"]) == ("Goodbye.", False)  # Skywork's lines keep the input too
     assert [r["kind"] for r in ours["rounds"]] == [
         "think", "tool_call", "observation", "think", "answer"]
     assert images[0] == [results.parent / "../shapes.png"] and ours["images"] == ["/image/0/0"]
@@ -190,8 +190,10 @@ def test_page_in_headless_chromium(results: Path, tmp_path: Path):
             assert cards.nth(1).locator(".mark").count() == 0  # failed: not graded
             assert "image not found" in cards.nth(1).locator(".error").inner_text()
             assert cards.nth(2).locator(".final-answer").inner_text() == "Hello."
+            assert cards.nth(2).locator(".mark").inner_text() == "✗ incorrect"
+            assert "incorrect" in cards.nth(2).get_attribute("class").split()
             assert page.locator("#stats").inner_text().replace("\n", " ").startswith("3 results")
-            assert page.locator("#stats span").nth(3).inner_text() == "1/1 correct"  # the failed one is not graded
+            assert page.locator("#stats span").nth(3).inner_text() == "1/2 correct"  # the failed one is not graded
             assert errors == []
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
