@@ -19,6 +19,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     load = parser.add_argument_group("loading (LoadOptions)")
     load.add_argument("--quant", default=None, help="GGUF quant to pick in a directory or repository (e.g. q4_k_m)")
     load.add_argument("--mmproj", default=None, help="vision projector file, when not found beside the model")
+    load.add_argument("--allow-mismatched-mmproj", action="store_true", default=None,
+                      help="load a projector whose provenance names another checkpoint than the model's")
     load.add_argument("--n-ctx", type=int, default=8192, help="context window in tokens (default 8192)")
     load.add_argument("--n-threads", "--threads", dest="n_threads", type=int, default=None,
                       help="decoding threads (default: half the CPUs)")
@@ -66,9 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
-LOAD_FIELDS = ("quant", "mmproj", "n_ctx", "n_threads", "n_threads_batch", "n_batch", "max_tiles", "tiling",
-               "chat_template", "cache_dir", "offline", "verbose", "image_budget", "prefix_cache", "prefix_cache_dir",
-               "device", "kernel", "device_memory", "placement")
+LOAD_FIELDS = ("quant", "mmproj", "allow_mismatched_mmproj", "n_ctx", "n_threads", "n_threads_batch", "n_batch",
+               "max_tiles", "tiling", "chat_template", "cache_dir", "offline", "verbose", "image_budget", "prefix_cache",
+               "prefix_cache_dir", "device", "kernel", "device_memory", "placement")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop")
 
 

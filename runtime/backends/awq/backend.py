@@ -38,7 +38,7 @@ from r1v.converters.checkpoint import open_checkpoint
 from ...api import ContextOverflowError, LoadOptions, SamplingParams
 from ...image import TilingConfig, choose_grid, load_image, normalize, tile_image
 from ...torch_ref import KVCache, extract_feature
-from ..prompt import ImageSlot, Prompt, Run, RunStats, interleave, wrap_text_pieces
+from ..prompt import ImageSlot, Prompt, Run, RunStats, TextPiece, interleave, tokenize_pieces, wrap_text_pieces
 from . import kernels
 from .loader import LoadedAWQ, load_awq, weight_bytes
 from .sampling import Sampler
@@ -159,9 +159,9 @@ class AWQBackend:
         return self.tokenizer.detokenize(tokens)
 
     # --- prompts --------------------------------------------------------------------------------------
-    def prepare(self, pieces: Sequence[str], images: Sequence[Any], *, max_tiles: int | None = None,
+    def prepare(self, pieces: Sequence[TextPiece], images: Sequence[Any], *, max_tiles: int | None = None,
                 image_budget: float | None = None) -> Prompt:
-        """Tokenize the text pieces, load the images and lay them out; no model work yet. `max_tiles`
+        """Tokenize the text pieces (`tokenize_pieces`), load the images and lay them out; no model work yet. `max_tiles`
         overrides the load option for this prompt's images."""
         self._live()
         if len(pieces) != len(images) + 1:
@@ -174,7 +174,7 @@ class AWQBackend:
                 raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
             tiling = dataclasses.replace(tiling, max_tiles=max_tiles, min_tiles=min(tiling.min_tiles, max_tiles))
         slots = [self._slot(source, tiling) for source in images]
-        texts = wrap_text_pieces([self.tokenize(text) for text in pieces], len(slots),
+        texts = wrap_text_pieces(tokenize_pieces(self.tokenize, pieces), len(slots),
                                  self._bos if self._add_bos else None, self._img_tokens)
         segments, items = interleave(texts, slots)
         return Prompt(segments, items, sum(s.n_positions for s in slots))
