@@ -88,7 +88,8 @@ class LoadOptions:
     AWQ checkpoints only (`backends.awq`): device ("cuda", "cuda:1", "cpu"; default CUDA when there is one);
     device_memory: the memory budget ("24GB" = 24 GiB, or bytes) from which `r1v plan` picks the placement,
     default the GPU's size; placement: an explicit one instead, e.g. "awq[vision=int4,embed=cpu]";
-    kernel: "auto" (Triton on CUDA, else torch), "triton", "torch", or "dense" (dequantized once to fp linears).
+    kernel: "auto" (torch's int4 kernels where the build has them, else Triton on CUDA, else torch), "int4",
+    "triton", "torch", or "dense" (dequantized once to fp linears).
     """
 
     quant: str | None = None
@@ -115,7 +116,7 @@ class LoadOptions:
     device: str | None = None
     device_memory: int | str | None = None
     placement: str | None = None
-    kernel: Literal["auto", "triton", "torch", "dense"] = "auto"
+    kernel: Literal["auto", "int4", "triton", "torch", "dense"] = "auto"
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16:
@@ -134,8 +135,8 @@ class LoadOptions:
             raise ValueError(f"prefix_cache_max_bytes must be >= 0, got {self.prefix_cache_max_bytes}")
         if self.image_budget is not None and not self.image_budget > 0:
             raise ValueError(f"image_budget must be > 0 seconds, got {self.image_budget}")
-        if self.kernel not in ("auto", "triton", "torch", "dense"):
-            raise ValueError(f"kernel must be 'auto', 'triton', 'torch' or 'dense', got {self.kernel!r}")
+        if self.kernel not in ("auto", "int4", "triton", "torch", "dense"):
+            raise ValueError(f"kernel must be 'auto', 'int4', 'triton', 'torch' or 'dense', got {self.kernel!r}")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,10 @@ R1V3_CONFIG = ROOT / "tests" / "data" / "r1v3-38b-config.json"
 SIZES = dict(image_size=224, llm_layers=2)
 RUN = dict(group_size=32, n_samples=4, seq_len=160, method="rtn", progress=False)
 GREEDY = dict(temperature=0, repetition_penalty=1.0)
-OPTIONS = dict(n_ctx=1024, n_batch=48, device="cpu")
+# kernel "torch": the exact path (fp32 products of the fp16 weights), what the parity tests hold to the reference;
+# torch's int4 kernels (the default where available, bf16 products) are checked in tests/test_awq_int4.py.
+OPTIONS = dict(n_ctx=1024, n_batch=48, device="cpu", kernel="torch")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STEPS = 24
 QUESTION = "How many red circles are in the image?"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -340,23 +343,24 @@ def test_explicit_placements(awq_dir, key):
 def test_dense_kernel_equals_the_torch_path(awq_dir, model):
     model.reset()
     expected = model.generate(QUESTION, max_tokens=12, **GREEDY).tokens
-    with load(awq_dir, kernel="dense", **OPTIONS) as dense:
+    with load(awq_dir, **{**OPTIONS, "kernel": "dense"}) as dense:
         layer = dense._backend.model.language_model.model.layers[0]
         assert type(layer.mlp.down_proj) is torch.nn.Linear
         assert dense.generate(QUESTION, max_tokens=12, **GREEDY).tokens == expected
 
 
 def test_triton_kernel_option_runs_interpreted_on_cpu(awq_dir, model):
+    """kernel="triton": compiled on a CUDA machine, interpreted on CPU tensors elsewhere (TRITON_INTERPRET=1)."""
     pytest.importorskip("triton", reason="triton is not installed")
     from r1v.runtime.backends.awq import kernels
 
-    assert torch.cuda.is_available() or kernels._interpreting()
-    with load(awq_dir, kernel="triton", **OPTIONS) as m:
+    assert DEVICE == "cuda" or kernels._interpreting()
+    with load(awq_dir, **{**OPTIONS, "kernel": "triton", "device": DEVICE}) as m:
         backend = m._backend
         assert backend.kernel == "triton"
         prompt = backend.prepare([m.render(QUESTION).text], [])
         backend.reset()
-        fast = backend._evaluate(prompt, {}, 0)
+        fast = backend._evaluate(prompt, {}, 0).cpu()
     model._backend.reset()
     slow = model._backend._evaluate(prompt, {}, 0)
     model._backend.reset()
@@ -370,7 +374,7 @@ def test_errors(awq_dir, model):
     with pytest.raises(ValueError, match="placement"):
         load(awq_dir, placement="awq[vision=int2]", **OPTIONS)
     with pytest.raises(ValueError, match="kernel"):
-        load(awq_dir, kernel="cuda", **OPTIONS)
+        load(awq_dir, **{**OPTIONS, "kernel": "cuda"})
     with pytest.raises(ValueError, match="device_memory"):
         load(awq_dir, device_memory="lots", **OPTIONS)
     with pytest.raises(ValueError, match="max_position_embeddings"):
@@ -389,7 +393,8 @@ def test_parse_memory_and_placement():
 
 def test_bench_generate_runs_on_cpu(awq_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "r1v", "bench", "generate", str(awq_dir), "--rounds", "1",
-                          "--max-tokens", "8", "--prompt-repeats", "2", "--n-ctx", "512", "--json"],
+                          "--max-tokens", "8", "--prompt-repeats", "2", "--n-ctx", "512", "--device", "cpu",
+                          "--json"],
                          capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout)
@@ -407,7 +412,7 @@ def test_cuda_triton_backend_matches_the_reference(awq_dir, references):
     reference = references("fp16")
     image = _image(448, 224, seed=4)
     _, expected = _reference_greedy(reference, awq_dir, QUESTION, [image], steps=8)
-    with load(awq_dir, n_ctx=1024, n_batch=48) as m:
+    with load(awq_dir, n_ctx=1024, n_batch=48, kernel="triton") as m:
         assert m._backend.kernel == "triton" and m._backend.device.type == "cuda"
         result = m.generate(QUESTION, images=[image], max_tokens=8, **GREEDY)
     # fp16 activations on the GPU vs fp32 on the CPU: the first tokens agree (random tiny models have near-ties)

@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "first vs later ones in the same process and in a new process (from disk)")
     generate.add_argument("--max-tiles", type=int, default=None, help="with --repeat: most tiles for the image")
     generate.add_argument("--device", default=None, help="AWQ: cuda, cuda:N or cpu (default: CUDA when present)")
-    generate.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"],
-                          help="AWQ: the 4-bit side's kernels (default: Triton on CUDA, else torch)")
+    generate.add_argument("--kernel", default="auto", choices=["auto", "int4", "triton", "torch"],
+                          help="AWQ: the 4-bit side's kernels (default: torch's int4 kernels where available)")
     generate.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 

@@ -41,7 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--offline", action="store_true", default=None, help="no downloads: use the cache only")
     load.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     load.add_argument("--device", default=None, help="AWQ / torch models: cuda, cuda:1 or cpu (default: CUDA if present)")
-    load.add_argument("--kernel", choices=("auto", "triton", "torch", "dense"), default=None,
+    load.add_argument("--kernel", choices=("auto", "int4", "triton", "torch", "dense"), default=None,
                       help="AWQ models: the quantized linear's kernel (dense: dequantize once at load)")
     load.add_argument("--device-memory", default=None, help="AWQ models: the card's memory budget, e.g. 24GB")
     load.add_argument("--placement", default=None, help="AWQ models: e.g. awq[vision=int4,embed=cpu]")

@@ -5,8 +5,9 @@ Same interface as the llama.cpp backend (`path`, `n_ctx`, `chat_template`, `spec
 `Model.generate` / `Model.stream`.
 
 - Weights: `loader.load_awq` (placement from `placement` / `device_memory` / the GPU's size; see there).
-  Kernels: Triton on CUDA when triton is installed, the pure-torch dequantize path elsewhere (`kernel=` option:
-  "auto", "triton", "torch", or "dense" for the model dequantized once to plain fp linears).
+  Kernels (`kernel=` option): "auto" is torch's own int4 kernels where the torch build has them ("int4": CPU,
+  NVIDIA GPUs of sm80+; weights repacked at load, see `int4`), else Triton on CUDA, else the pure-torch dequantize
+  path; "triton", "torch", or "dense" for the model dequantized once to plain fp linears.
 - KV cache: static, preallocated for `n_ctx` positions at load (`torch_ref.KVCache`). The backend remembers what
   sits at each position (token ids; image embeddings as (image key, index)); a new prompt keeps the longest
   common prefix and evaluates the rest, as the llama.cpp backend does.
@@ -39,8 +40,8 @@ from ...api import ContextOverflowError, LoadOptions, SamplingParams
 from ...image import TilingConfig, choose_grid, load_image, normalize, tile_image
 from ...torch_ref import KVCache, extract_feature
 from ..prompt import ImageSlot, Prompt, Run, RunStats, TextPiece, interleave, tokenize_pieces, wrap_text_pieces
-from . import kernels
-from .loader import LoadedAWQ, load_awq, weight_bytes
+from . import int4, kernels
+from .loader import KERNELS, LoadedAWQ, load_awq, weight_bytes
 from .sampling import Sampler
 from .tokenizer import AWQTokenizer
 
@@ -53,12 +54,17 @@ END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
 
 
 def choose_kernel(kernel: str | None, device: torch.device) -> str:
-    """"auto" (or None): Triton on CUDA when triton is installed, else the torch path."""
+    """"auto" (or None): torch's int4 kernels where this torch build has them for the device (CPU; NVIDIA GPUs of
+    sm80+), else Triton on CUDA when triton is installed, else the torch path."""
     kernel = (kernel or "auto").lower()
     if kernel == "auto":
+        if int4.available(device):
+            return "int4"
         return "triton" if device.type == "cuda" and kernels.triton_available() else "torch"
-    if kernel not in ("triton", "torch", "dense"):
-        raise ValueError(f"kernel must be 'auto', 'triton', 'torch' or 'dense', got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be 'auto', {', '.join(map(repr, KERNELS))}, got {kernel!r}")
+    if kernel == "int4" and not int4.available(device):
+        raise ValueError(f"kernel='int4' cannot run here: {int4.unsupported(128, 128, 128, device)}")
     if kernel == "triton" and not kernels.triton_usable_on(device):
         why = "triton is not installed" if not kernels.triton_available() else f"the device is {device.type}"
         raise ValueError(f"kernel='triton' cannot run here ({why}): the Triton kernels need CUDA, or "

@@ -65,9 +65,16 @@ def triton_usable_on(device: torch.device | str) -> bool:
 
 
 # --- the pure-torch path ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _constant(values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor made once per device: no host-to-device copy per call (which a CUDA graph
+    capture would refuse)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _unpack(words: torch.Tensor) -> torch.Tensor:
     """int32 [rows, c] -> int32 [rows, 8c] codes 0..15 in natural column order."""
-    shifts = torch.tensor(_COLUMN_SHIFTS, dtype=torch.int32, device=words.device)
+    shifts = _constant(_COLUMN_SHIFTS, torch.int32, words.device)
     return ((words[:, :, None] >> shifts) & 0xF).reshape(words.shape[0], -1)
 
 
@@ -80,11 +87,16 @@ def _unpack_bytes(words: torch.Tensor) -> torch.Tensor:
     rows, c = words.shape
     b = words.contiguous().view(torch.uint8).view(rows, c, 4)
     nibbles = torch.stack((b & 0xF, b >> 4), dim=-1).view(rows, c, 8)  # in nibble order
-    index = torch.tensor(_NIBBLE_OF_COLUMN, device=words.device)
+    index = _constant(_NIBBLE_OF_COLUMN, torch.int64, words.device)
     return nibbles.index_select(2, index).view(rows, 8 * c)
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def unpack_codes(words: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ-packed int32 [rows, c] -> its codes [rows, 8c] (0..15, natural column order), one byte each."""
+    return _unpack_bytes(words) if _LITTLE_ENDIAN else _unpack(words).to(torch.uint8)
 
 
 def dequantize_torch(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -95,11 +107,10 @@ def dequantize_torch(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     exact in fp16, and its product with an fp16 scale is rounded to fp16 once; a wider `dtype` holds those fp16
     values exactly."""
     k, n = qweight.shape[0], scales.shape[1]
-    unpack = _unpack_bytes if _LITTLE_ENDIAN else _unpack
     half = dtype in (None, torch.float16)
     work = torch.float16 if half else torch.float32  # fp16 arithmetic is exact here too, but slow on CPUs
-    q = unpack(qweight).view(k // group_size, group_size, n).to(work)
-    q -= unpack(qzeros).to(work)[:, None, :]
+    q = unpack_codes(qweight).view(k // group_size, group_size, n).to(work)
+    q -= unpack_codes(qzeros).to(work)[:, None, :]
     q *= scales.to(work)[:, None, :]
     w = q.view(k, n).t()
     return w if half else w.to(torch.float16).to(dtype)

@@ -1,8 +1,9 @@
 """Build the torch reference model (`r1v.runtime.torch_ref.R1VModel`) from an AutoAWQ GEMM checkpoint.
 
-Every `<prefix>.qweight/.qzeros/.scales` triple becomes an `AWQLinear` reading the stored tensors as they are
-(no unpacking at load); `<prefix>.int8_weight/.int8_scale` an `Int8Linear`; every other tensor is loaded by its
-name, as `torch_ref.load_weights` does. Tensors are read one at a time from the memory-mapped shards and copied
+Every `<prefix>.qweight/.qzeros/.scales` triple becomes an `Int4Linear` (kernel "int4": repacked once for torch's
+int4 kernels) or an `AWQLinear` reading the stored tensors as they are (kernels "triton" / "torch", and the shapes
+torch's int4 kernel cannot take); `<prefix>.int8_weight/.int8_scale` an `Int8Linear`; every other tensor is loaded
+by its name, as `torch_ref.load_weights` does. Tensors are read one at a time from the memory-mapped shards and copied
 straight to their device.
 
 Placement (what goes where, at what precision) is `awq[vision=fp16|int8|int4,embed=gpu|cpu]`, the keys of
@@ -15,7 +16,7 @@ checkpoint as stored.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,12 @@ from r1v.converters.errors import CheckpointError
 from ...plan import EMBED_PLACES, GiB, VISION_FORMATS, PlanEntry, awq_key, best_placement, plan_memory
 from ...torch_ref import IMG_CONTEXT, R1VModel
 from ...torch_ref.model import stored_to_torch
-from .qlinear import AWQLinear, Int8Linear, awq_group_size_for, dense_linear
+from . import int4, kernels
+from .qlinear import AWQLinear, Int4Linear, Int8Linear, awq_group_size_for, awq_linear_for, dense_linear
 
-__all__ = ["LoadedAWQ", "Placement", "choose_placement", "load_awq", "parse_memory", "parse_placement",
+KERNELS = ("int4", "triton", "torch", "dense")
+
+__all__ = ["KERNELS", "LoadedAWQ", "Placement", "choose_placement", "load_awq", "parse_memory", "parse_placement",
            "weight_bytes"]
 
 _VISION_BITS = {"fp16": 16, "int8": 8, "int4": 4}
@@ -126,10 +130,13 @@ class LoadedAWQ:
     requested: Placement  # as chosen (by the option, the plan, or the checkpoint)
     plan_entry: PlanEntry | None
     group_size: int
-    kernel: str  # "triton" | "torch" | "dense"
+    kernel: str  # "int4" | "triton" | "torch" | "dense"
     device: torch.device
     dtype: torch.dtype
     embed_device: torch.device
+    # with kernel "int4": the linears torch's int4 kernel cannot take (name: why), run by `fallback_kernel`
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    fallback_kernel: str | None = None
 
 
 def _check_quantization(ckpt: Checkpoint) -> int:
@@ -156,14 +163,20 @@ def load_awq(path: str | Path, *, device: torch.device | str = "cpu", dtype: tor
              n_ctx: int = 8192) -> LoadedAWQ:
     """Build the R1VModel of AWQ checkpoint `path` with quantized linears (see the module doc).
 
-    dtype: compute dtype (default fp16 on CUDA, fp32 elsewhere). kernel: "triton" / "torch" for the AWQ
-    linears, or "dense" to dequantize every quantized linear once into a plain fp linear (the baseline)."""
+    dtype: compute dtype (default on CUDA bf16 with kernel "int4", the dtype its kernel multiplies in, else fp16;
+    fp32 elsewhere). kernel: "int4" (torch's int4 kernels; linears they cannot take run the Triton kernels on
+    CUDA, the torch path elsewhere), "triton" / "torch" for the AWQ linears, or "dense" to dequantize every
+    quantized linear once into a plain fp linear (the baseline)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # "cuda" -> "cuda:N", as tensors report it
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if kernel not in ("triton", "torch", "dense"):
-        raise ValueError(f"kernel must be 'triton', 'torch' or 'dense', got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
+    if kernel == "int4" and not int4.available(device):
+        raise ValueError(f"kernel='int4': {int4.unsupported(128, 128, 128, device)}")
+    if dtype is None:
+        cuda = device.type == "cuda"
+        dtype = (torch.bfloat16 if kernel == "int4" else torch.float16) if cuda else torch.float32
     with open_checkpoint(path, check_shapes=False) as ckpt:
         group_size = _check_quantization(ckpt)
         requested, entry = choose_placement(ckpt, device, n_ctx, placement, device_memory)
@@ -176,8 +189,10 @@ def load_awq(path: str | Path, *, device: torch.device | str = "cpu", dtype: tor
             raise CheckpointError(f"{ckpt.path}: the tokenizer has no {IMG_CONTEXT} token")
         with torch.device("meta"):
             model = R1VModel(ckpt.config, special[IMG_CONTEXT], ckpt.eos_token_ids)
-        _Loader(ckpt, model, device, dtype, kernel, group_size, vision, embed_device).run()
-    return LoadedAWQ(model.eval(), applied, requested, entry, group_size, kernel, device, dtype, embed_device)
+        loader = _Loader(ckpt, model, device, dtype, kernel, group_size, vision, embed_device)
+        loader.run()
+    return LoadedAWQ(model.eval(), applied, requested, entry, group_size, kernel, device, dtype, embed_device,
+                     loader.fallbacks, loader.fallback if kernel == "int4" else None)
 
 
 class _Loader:
@@ -186,6 +201,9 @@ class _Loader:
         self.ckpt, self.model, self.device, self.dtype = ckpt, model, device, dtype
         self.kernel, self.group_size, self.vision, self.embed_device = kernel, group_size, vision, embed_device
         self.used: set[str] = set()
+        self.fallbacks: dict[str, str] = {}
+        # the kernel for the linears torch's int4 kernel cannot take
+        self.fallback = "triton" if kernels.triton_usable_on(device) and device.type == "cuda" else "torch"
 
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
         info = self.ckpt.tensors.get(name)
@@ -238,13 +256,13 @@ class _Loader:
             if tuple(qweight.shape) != (module.in_features, module.out_features // 8):
                 raise CheckpointError(f"{self.ckpt.path}: {prefix}.qweight has shape {list(qweight.shape)}, the "
                                       f"model expects {[module.in_features, module.out_features // 8]}")
-            out: nn.Module = AWQLinear(qweight, qzeros, scales, bias, self._awq_kernel())
+            out: nn.Module = self._awq(prefix, qweight, qzeros, scales, bias)
         elif f"{prefix}.int8_weight" in names:
             weight, scale = self.tensor(f"{prefix}.int8_weight"), self.tensor(f"{prefix}.int8_scale", torch.float16)
             out = Int8Linear(weight, scale, bias)
             if vision and self.vision == "int4":
                 w = out.int8_weight.to(torch.float32) * out.int8_scale.to(torch.float32)[:, None]
-                out = self._int4(w, bias, module.in_features)
+                out = self._int4(prefix, w, bias, module.in_features)
         else:
             weight = self.tensor(f"{prefix}.weight", self.dtype)
             if tuple(weight.shape) != (module.out_features, module.in_features):
@@ -253,18 +271,26 @@ class _Loader:
             if vision and self.vision == "int8":
                 out = Int8Linear.quantize(weight, bias)
             elif vision and self.vision == "int4":
-                out = self._int4(weight, bias, module.in_features)
+                out = self._int4(prefix, weight, bias, module.in_features)
             else:
                 out = _plain_linear(weight, bias)
         if self.kernel == "dense" and isinstance(out, (AWQLinear, Int8Linear)):
             out = dense_linear(out, self.dtype)
         return out
 
-    def _int4(self, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> AWQLinear:
-        return AWQLinear.quantize(weight, bias, awq_group_size_for(in_features, self.group_size), self._awq_kernel())
+    def _int4(self, prefix: str, weight: torch.Tensor, bias: torch.Tensor | None,
+              in_features: int) -> AWQLinear | Int4Linear:
+        packed = AWQLinear.quantize(weight, bias, awq_group_size_for(in_features, self.group_size), "torch")
+        return self._awq(prefix, packed.qweight, packed.qzeros, packed.scales, packed.bias)
 
-    def _awq_kernel(self) -> str:
-        return "torch" if self.kernel == "dense" else self.kernel
+    def _awq(self, prefix: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+             bias: torch.Tensor | None) -> AWQLinear | Int4Linear:
+        kernel = "torch" if self.kernel == "dense" else self.kernel
+        out = awq_linear_for(qweight, qzeros, scales, bias, kernel, self.fallback)
+        if kernel == "int4" and isinstance(out, AWQLinear):
+            k, n, g = out.in_features, out.out_features, out.group_size
+            self.fallbacks[prefix] = str(int4.unsupported(k, n, g, self.device))
+        return out
 
 
 def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

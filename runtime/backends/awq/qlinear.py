@@ -3,6 +3,9 @@
 - `AWQLinear`: AutoAWQ GEMM 4-bit (`qweight`, `qzeros`, `scales` buffers, as stored in the checkpoint) run by the
   Triton kernels or the pure-torch path (`kernels.awq_linear`). The LLM's decoder linears, and the vision tower
   at int4.
+- `Int4Linear`: the same weights repacked at load for torch's own int4 kernels (`int4`): the default where this
+  torch build has them (CPU; NVIDIA GPUs of sm80+). `awq_linear_for` builds it, or an `AWQLinear` for the shapes
+  those kernels cannot take.
 - `Int8Linear`: int8 per output channel, W = int8_weight * int8_scale[:, None] (the project's `--vision int8`
   format, see `r1v.converters.awq`). The vision tower at int8.
 
@@ -18,9 +21,9 @@ from torch import nn
 from r1v.quant.pack import pack_awq
 from r1v.quant.rtn import quantize_rtn
 
-from . import kernels
+from . import int4, kernels
 
-__all__ = ["AWQLinear", "Int8Linear", "awq_group_size_for", "dense_linear"]
+__all__ = ["AWQLinear", "Int4Linear", "Int8Linear", "awq_group_size_for", "awq_linear_for", "dense_linear"]
 
 
 class AWQLinear(nn.Module):
@@ -58,6 +61,51 @@ class AWQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"bias={self.bias is not None}, kernel={self.kernel}")
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b by torch's int4 kernels (`int4.int4_linear`), W repacked from AutoAWQ's layout at load."""
+
+    def __init__(self, weight: int4.Int4Weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.group_size = weight.group_size
+        self.register_buffer("int4_weight", weight.packed)
+        self.register_buffer("int4_scales_and_zeros", weight.scales_and_zeros)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_awq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> Int4Linear:
+        return cls(int4.pack_awq_as_int4(qweight, qzeros, scales), bias)
+
+    @property
+    def weight4(self) -> int4.Int4Weight:
+        return int4.Int4Weight(self.int4_weight, self.int4_scales_and_zeros, self.group_size, self.in_features,
+                               self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4.int4_linear(x, self.weight4, self.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [out, in] the kernels multiply by (slow: for checks)."""
+        return int4.dequantize_reference(self.weight4, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}, kernel=int4")
+
+
+def awq_linear_for(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                   kernel: str, fallback: str) -> AWQLinear | Int4Linear:
+    """The quantized linear for `kernel` ("int4", "triton" or "torch"): with "int4", an `Int4Linear` when torch's
+    int4 kernel takes the shape on this device, else an `AWQLinear` running `fallback`."""
+    if kernel == "int4":
+        k, n = qweight.shape[0], scales.shape[1]
+        if scales.shape[0] and not int4.unsupported(k, n, k // scales.shape[0], qweight.device):
+            return Int4Linear.from_awq(qweight, qzeros, scales, bias)
+        kernel = fallback
+    return AWQLinear(qweight, qzeros, scales, bias, kernel)
 
 
 class Int8Linear(nn.Module):
