@@ -184,6 +184,37 @@ def test_kv_cache_decoding_matches_full_sequence(ours: R1VModel) -> None:
 
 
 @torch.inference_mode()
+def test_static_decode_steps_match_the_dynamic_ones(ours: R1VModel) -> None:
+    """`StaticDecoder` (one token, fixed shapes: the step CUDA graphs capture, run eagerly here) against the dynamic
+    cache path: the same logits at every step, across span boundaries (capacity 600: spans 256, 512, 600), and the
+    same greedy tokens."""
+    from r1v.runtime.torch_ref.decode import StaticDecoder, spans_for
+
+    assert spans_for(600) == [256, 512, 600] and spans_for(256) == [256] and spans_for(100) == [100]
+    torch.manual_seed(3)
+    llm, ids = ours.llm, _text_ids(ours, 250)
+    dynamic, static = llm.new_cache(600), llm.new_cache(600)
+    logits = llm(ids, cache=dynamic)[0, -1]
+    assert torch.equal(llm(ids, cache=static)[0, -1], logits)  # the same prefill for both
+    decoder = StaticDecoder(llm, static)
+    assert decoder.spans == [256, 512, 600] and not decoder.graphs  # CPU: eager steps
+    tokens, worst = [], 0.0
+    for _ in range(12):  # positions 250..261: spans 256, then 512
+        tokens.append(int(logits.argmax()))
+        embeds = llm.model.embed_tokens(torch.tensor([[tokens[-1]]]))
+        logits = llm(inputs_embeds=embeds, cache=dynamic)[0, -1]
+        stepped = decoder.step(embeds)
+        worst = max(worst, _max_diff(stepped, logits))
+        assert int(stepped.argmax()) == int(logits.argmax())
+    assert static.length == dynamic.length == 262 and decoder.span_for(static.length) == 512
+    _report("static decode steps vs dynamic", worst)
+    assert worst <= 1e-5
+    static.length = 600
+    with pytest.raises(ValueError, match="KV cache full"):
+        decoder.step(embeds)
+
+
+@torch.inference_mode()
 def test_image_embeddings_match_transformers_internvl(f32_ckpt: Path, ours: R1VModel, hf_internvl: Any) -> None:
     torch.manual_seed(2)
     pixel_values = torch.randn(2, 3, 448, 448)

@@ -5,7 +5,8 @@ held to, and the base the AWQ backend swaps quantized linears into. Never import
 """
 from .model import IMG_CONTEXT, R1VModel, load_weights
 from .projector import Projector, extract_feature, pixel_shuffle
-from .qwen2 import KVCache, LinearFactory, Qwen2ForCausalLM, Qwen2Model, RMSNorm, RotaryEmbedding, apply_rope
+from .qwen2 import (KVCache, LinearFactory, Qwen2ForCausalLM, Qwen2Model, RMSNorm, RotaryEmbedding, StaticStep,
+                    apply_rope)
 from .vision import InternViT
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "R1VModel",
     "RMSNorm",
     "RotaryEmbedding",
+    "StaticStep",
     "apply_rope",
     "extract_feature",
     "load_weights",

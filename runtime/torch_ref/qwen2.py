@@ -73,6 +73,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @dataclass
+class StaticStep:
+    """A one-token decode step with fixed shapes: the token sits at `position` (int64 [1], on the device) and attends
+    to the first `span` cache positions, of which `mask` ([1, span] bool) shows those <= position. Nothing in it
+    depends on a host value, so one step per span can be captured as a CUDA graph and replayed at any position
+    (`torch_ref.decode.StaticDecoder`); the cache's `length` is not touched (the caller advances it)."""
+
+    position: torch.Tensor
+    span: int
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return torch.arange(self.span, device=self.position.device)[None, :] <= self.position[:, None]
+
+
+@dataclass
 class KVCache:
     """Static (preallocated) key/value cache for all layers: [B, kv_heads, capacity, head_dim] per layer.
 
@@ -101,6 +116,14 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    def write_at(self, layer: int, step: StaticStep, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position's k/v [B, kv_heads, 1, D] at `step.position` (a tensor: no host value, so the same
+        captured CUDA graph serves every position); return the first `step.span` positions of keys/values."""
+        self.keys[layer].index_copy_(2, step.position, k)
+        self.values[layer].index_copy_(2, step.position, v)
+        return self.keys[layer][:, :, :step.span], self.values[layer][:, :, :step.span]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, kv_heads, T, D] at positions length..length+T; return all filled keys/values."""
         end = self.length + k.shape[2]
@@ -128,13 +151,23 @@ class Attention(nn.Module):
         self.o_proj = linear(self.n_heads * self.head_dim, h, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+        step: StaticStep | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if step is not None:
+            if cache is None or t != 1:
+                raise ValueError("a static step is one token over a KV cache")
+            k, v = cache.write_at(self.layer, step, k, v)
+            # Grouped-query attention without repeating keys: the query heads that share a KV head are that
+            # head's queries (head h reads KV head h // groups, as repeat_interleave below lays them out).
+            q = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.o_proj(out.reshape(b, 1, self.n_heads * self.head_dim))
         if cache is None:
             mask, causal = None, True
         else:
@@ -172,8 +205,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                step: StaticStep | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, step, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -187,14 +221,21 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
-    def forward(self, inputs_embeds: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)
+    def forward(self, inputs_embeds: torch.Tensor, cache: KVCache | None = None,
+                step: StaticStep | None = None) -> torch.Tensor:
+        """Hidden states of `inputs_embeds` [B, T, H] continuing the cached sequence (advancing cache.length); with
+        `step`, one token at step.position with fixed shapes (cache.length is left to the caller)."""
+        mask = None
+        if step is not None:
+            positions, mask = step.position, step.mask  # the mask once for all layers
+        else:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
-        if cache is not None:  # every layer wrote at the same offset; advance once
+            x = layer(x, cos, sin, cache, step, mask)
+        if cache is not None and step is None:  # every layer wrote at the same offset; advance once
             cache.length += inputs_embeds.shape[1]
         return self.norm(x)
 

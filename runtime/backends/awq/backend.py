@@ -11,6 +11,9 @@ Same interface as the llama.cpp backend (`path`, `n_ctx`, `chat_template`, `spec
 - KV cache: static, preallocated for `n_ctx` positions at load (`torch_ref.KVCache`). The backend remembers what
   sits at each position (token ids; image embeddings as (image key, index)); a new prompt keeps the longest
   common prefix and evaluates the rest, as the llama.cpp backend does.
+- Decode: one token at a time with fixed shapes (`torch_ref.decode.StaticDecoder`), on a GPU as CUDA graphs
+  captured at load together with a warm-up of the prompt and vision kernels, so neither the first request nor a
+  new sequence length meets first-time costs (R1V_CUDA_GRAPHS=0: eager steps).
 - Prefill: chunks of at most `n_batch` positions, text and image positions alike (so a 12-tile image, 3,328
   positions, needs the activations of one chunk, not of the whole prompt); logits only for the last position.
   Images: InternVL tiling (`runtime.image`), the vision tower run `VISION_TILES` tiles at a time, embeddings kept
@@ -39,6 +42,7 @@ from r1v.converters.checkpoint import open_checkpoint
 from ...api import ContextOverflowError, LoadOptions, SamplingParams
 from ...image import TilingConfig, choose_grid, load_image, normalize, tile_image
 from ...torch_ref import KVCache, extract_feature
+from ...torch_ref.decode import StaticDecoder
 from ..prompt import ImageSlot, Prompt, Run, RunStats, TextPiece, interleave, tokenize_pieces, wrap_text_pieces
 from . import int4, kernels
 from .loader import KERNELS, LoadedAWQ, load_awq, weight_bytes
@@ -122,6 +126,10 @@ class AWQBackend:
             self._img_tokens.append(ids[0])
         self._kv: list[Any] = []
         self._image_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        graphs = os.environ.get("R1V_CUDA_GRAPHS", "1") not in ("0", "", "false", "no")
+        self.decoder = StaticDecoder(self.model.language_model, self.cache, graphs=graphs)
+        if self.device.type == "cuda":
+            self._warm_up()
 
     # --- facts ----------------------------------------------------------------------------------------
     @property
@@ -140,7 +148,8 @@ class AWQBackend:
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "kernel": self.kernel,
             "placement": self.loaded.placement.key, "placement_source": self.loaded.placement.source,
             "requested_placement": self.loaded.requested.key, "group_size": self.loaded.group_size,
-            "n_ctx": self.n_ctx, "n_batch": self.n_batch,
+            "n_ctx": self.n_ctx, "n_batch": self.n_batch, "decode": self.decoder.describe(),
+            "int4_fallbacks": self.loaded.fallbacks, "fallback_kernel": self.loaded.fallback_kernel,
             "bytes": {"llm_layers": weight_bytes(llm.model.layers), "embeddings": weight_bytes(llm.model.embed_tokens),
                       "lm_head": weight_bytes(llm.lm_head), "vision": weight_bytes(m.vision_model),
                       "projector": weight_bytes(m.mlp1),
@@ -310,9 +319,22 @@ class AWQBackend:
         return logits
 
     def _step(self, token: int) -> torch.Tensor:
-        out = self._forward(self._embed_tokens((token,)), (token,), True)
-        assert out is not None
-        return out
+        """One decode step: fixed shapes (a replayed CUDA graph on the GPU), see `torch_ref.decode`."""
+        logits = self.decoder.step(self._embed_tokens((token,)))
+        self._kv.append(token)
+        return logits
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Pay the first-time costs at load, not in the first request: a prompt chunk (Triton compilation, cuBLAS
+        handles; more rows than the int4 decode kernel takes), one vision tile, then the decode graphs."""
+        llm, cfg = self.model.language_model, self.config
+        hidden = llm.model(torch.zeros(1, 32, cfg.llm.hidden_size, dtype=self.dtype, device=self.device), self.cache)
+        llm.lm_head(hidden[0, -1])
+        self._truncate(0)
+        pixels = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=self.dtype, device=self.device)
+        extract_feature(self.model.vision_model, self.model.mlp1, pixels, cfg.downsample_ratio, cfg.ps_version)
+        self.decoder.capture()
 
     def logprobs(self, prompt: Prompt, tokens: Sequence[int]) -> np.ndarray:
         """Teacher forcing: float32 log-probabilities [len(tokens), n_vocab], row i the distribution after the
@@ -352,7 +374,7 @@ class AWQBackend:
             raise RuntimeError(f"the model {self.path.name} is closed")
 
     def close(self) -> None:
-        self.cache = None
+        self.cache = self.decoder = None
         self.model = self.loaded = None
         self._image_cache.clear()
         if self.device.type == "cuda":
