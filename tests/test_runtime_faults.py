@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,47 +132,37 @@ def test_generate_command_reports_the_overflow(files: Files):
     fits = _r1v("generate", str(files.llm), "-p", prompts[63], *flags)
     assert fits.returncode == 0, fits.stderr
     assert "prompt 63 tokens" in fits.stderr and "finish: length" in fits.stderr
+    with load(files.llm, n_ctx=300, **THREADS) as model:  # with an image: 256 of the 301 positions
+        question = _prompt_of(model, 301, [str(files.png)])
+    flags[1] = "300"
+    image = _r1v("generate", str(files.llm), "--image", str(files.png), "-p", question, *flags)
+    assert image.returncode == 2, image.stderr  # was 0: checked against llama.cpp's 512 cells
+    assert "the prompt is 301 tokens, 256 of them for images, but the context window is 300 tokens" in image.stderr
 
 
 def test_server_with_a_small_context_answers_400_and_keeps_serving(files: Files, tmp_path: Path):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
+    from serve_process import serve_process  # tests/serve_process.py
+
     from r1v.runtime.serve.app import free_port
 
-    port = free_port()
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "r1v", "serve", str(files.llm), "--port", str(port), "--n-ctx", "64",
-           "--n-threads", "1", "--n-threads-batch", "1", "--no-prefix-cache", "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-
+    args = ["--n-ctx", "64", "--n-threads", "1", "--n-threads-batch", "1", "--no-prefix-cache", "--log-level",
+            "warning"]
+    with serve_process(str(files.llm), free_port(), tmp_path / "server.log", *args) as served:
         def ask(text: str) -> Any:
-            return httpx.post(url + "/v1/chat/completions", timeout=120, json={
-                "model": "x", "max_tokens": 2, "temperature": 0,
-                "messages": [{"role": "user", "content": text}]})
+            return httpx.post(served.url + "/v1/chat/completions", timeout=120, json={
+                "model": "x", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": text}]})
 
         refused = ask(" ".join(["a"] * 63))  # 77 positions with the template: the request that killed the server
         assert refused.status_code == 400, refused.text
-        assert refused.json()["error"]["code"] == "context_length_exceeded"
-        assert "the prompt is 77 tokens, but the context window is 64 tokens" in refused.json()["error"]["message"]
-        assert proc.poll() is None
+        error = refused.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert "the prompt is 77 tokens, but the context window is 64 tokens" in error["message"]
+        assert served.proc.poll() is None
         answered = ask("Hi")
         assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 2
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 # --- 12. a projector from another checkpoint --------------------------------------------------------------
@@ -299,4 +288,17 @@ def check_message_text_is_not_control_tokens(model: Model, png: Path) -> None:
 
 def test_control_tokens_in_message_text_stay_text_llamacpp(files: Files):
     with load(files.llm, n_ctx=1024, **THREADS) as model:
+        check_message_text_is_not_control_tokens(model, files.png)
+
+
+def test_control_tokens_in_message_text_stay_text_awq(files: Files):
+    """The same on the AWQ backend (torch; its tokenizer is the checkpoint's tokenizer.json)."""
+    pytest.importorskip("torch")
+    from r1v.quant.driver import quantize_checkpoint_awq
+
+    out = files.root / "tiny-awq"
+    quantize_checkpoint_awq(files.root / "tiny-r1v", out, group_size=32, n_samples=2, seq_len=320, method="rtn",
+                            progress=False)
+    with load(out, n_ctx=1024, device="cpu", **THREADS) as model:
+        assert model.resolved.format == "awq"
         check_message_text_is_not_control_tokens(model, files.png)
