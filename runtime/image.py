@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import io
 import os
@@ -29,7 +30,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Iterator, Union
 
 import numpy as np
 from PIL import Image
@@ -42,6 +43,7 @@ __all__ = [
     "PreparedImage",
     "TilingConfig",
     "choose_grid",
+    "image_size",
     "load_image",
     "normalize",
     "prepare_image",
@@ -245,30 +247,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return Image.fromarray(out.astype(np.uint8), "RGB")
 
 
-def load_image(source: ImageSource, cfg: TilingConfig = TilingConfig()) -> Image.Image:
-    """Decode ``source`` to a new RGB image.
-
-    ``source`` may be a path (str or PathLike), raw bytes, a ``data:image/...;base64,...`` URL, an
-    open binary file, or a PIL image.  Raises ``ImageError`` (a ``ValueError``) naming the source
-    when it cannot be read or decoded, or when its header declares more than ``cfg.max_pixels``.
-    Like upstream, EXIF orientation is not applied and animated images give their first frame.
-    """
-    if isinstance(source, Image.Image):
-        name = f"<PIL image {source.width}x{source.height} {source.mode}>"
-        _check_pixels(source.size, cfg, name)
-        return _to_rgb(source)
-
+@contextlib.contextmanager
+def _opened(source: ImageSource, cfg: TilingConfig) -> Iterator[tuple[str, Image.Image]]:
+    """(display name, opened image) of a source that is not a PIL image, its header checked against
+    ``cfg.max_pixels``; what fails while opening it or inside the ``with`` (decoding) becomes an
+    ``ImageError`` naming the source."""
     name, stream = _open_source(source)
     # Close only what we opened; a caller's file object stays theirs.
     owned = not hasattr(source, "read")
     try:
         try:
-            # Image.open reads the header only; the pixels are decoded by load() below, so the
-            # size check in between is what stops a decompression bomb.
+            # Image.open reads the header only; the pixels are decoded by load() in the caller, so
+            # the size check here is what stops a decompression bomb.
             with Image.open(stream) as im:
                 _check_pixels(im.size, cfg, name)
-                im.load()
-                return _to_rgb(im)
+                yield name, im
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -287,6 +280,35 @@ def load_image(source: ImageSource, cfg: TilingConfig = TilingConfig()) -> Image
     finally:
         if owned:
             stream.close()
+
+
+def load_image(source: ImageSource, cfg: TilingConfig = TilingConfig()) -> Image.Image:
+    """Decode ``source`` to a new RGB image.
+
+    ``source`` may be a path (str or PathLike), raw bytes, a ``data:image/...;base64,...`` URL, an
+    open binary file, or a PIL image.  Raises ``ImageError`` (a ``ValueError``) naming the source
+    when it cannot be read or decoded, or when its header declares more than ``cfg.max_pixels``.
+    Like upstream, EXIF orientation is not applied and animated images give their first frame.
+    """
+    if isinstance(source, Image.Image):
+        name = f"<PIL image {source.width}x{source.height} {source.mode}>"
+        _check_pixels(source.size, cfg, name)
+        return _to_rgb(source)
+    with _opened(source, cfg) as (_, im):
+        im.load()
+        return _to_rgb(im)
+
+
+def image_size(source: ImageSource, cfg: TilingConfig = TilingConfig()) -> tuple[int, int]:
+    """(width, height) of ``source`` read from its header, no pixel decoded: the checks ``load_image``
+    makes before decoding (readable, a known format, at most ``cfg.max_pixels``), at a fraction of
+    the cost, so a caller can budget pixels and context positions before anything is decoded.  A
+    damaged pixel stream is found only by ``load_image``."""
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, cfg, f"<PIL image {source.width}x{source.height} {source.mode}>")
+        return source.size
+    with _opened(source, cfg) as (_, im):
+        return im.size
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from r1v.converters.gguf import convert_gguf  # noqa: E402
 from r1v.runtime.api import LoadOptions, Model, load  # noqa: E402
 from r1v.runtime.serve.app import ServerConfig, ServerThread, create_app, free_port  # noqa: E402
 from r1v.testing import make_tiny_checkpoint  # noqa: E402
+from serve_process import serve_process  # noqa: E402
 
 KEY = "sk-test-r1v"
 SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
@@ -71,33 +71,12 @@ def local(gguf: Path):
 @pytest.fixture(scope="module")
 def server(gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     """`r1v serve` in a subprocess: one slot, one queued request, small body/image limits."""
-    port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    cmd = [sys.executable, "-m", "r1v", "serve", str(gguf), "--port", str(port), "--api-key", KEY,
-           "--served-model-name", "tiny-r1v", "--max-concurrency", "1", "--queue", "1", "--n-ctx", str(N_CTX),
-           "--n-threads", "1", "--n-threads-batch", "1", "--max-body-mb", "1", "--max-image-mb", "0.25",
-           "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"r1v serve did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    yield url
-    proc.send_signal(signal.SIGINT)  # as Ctrl-C: uvicorn shuts down, the models are closed
-    try:
-        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with serve_process(str(gguf), free_port(), log, "--api-key", KEY, "--served-model-name", "tiny-r1v",
+                       "--max-concurrency", "1", "--queue", "1", "--n-ctx", str(N_CTX), "--n-threads", "1",
+                       "--n-threads-batch", "1", "--max-body-mb", "1", "--max-image-mb", "0.25",
+                       "--log-level", "warning", startup_s=120) as served:
+        yield served.url
 
 
 @pytest.fixture()
@@ -205,7 +184,7 @@ def test_wrong_or_missing_api_key_is_401(server: str):
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]}',
      "messages[0].content[0].image_url.url", "--allow-local-images"),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,'
-     b'iVBORw0KGgo="}}]}]}', "messages", "cannot decode image"),
+     b'iVBORw0KGgo="}}]}]}', "messages[0].content[0].image_url.url", "cannot decode image"),
 ])
 def test_malformed_requests_are_400_naming_the_field(server: str, body: bytes, param: str | None, words: str):
     response = httpx.post(server + "/v1/chat/completions", content=body, timeout=30,

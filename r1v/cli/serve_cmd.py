@@ -1,12 +1,13 @@
 """`r1v serve MODEL`: an OpenAI-compatible server (`/v1/chat/completions`, `/v1/models`, `/health`).
 
 Flags are `r1v.load`'s (LoadOptions) and `ServerConfig`'s. Each of --max-concurrency slots loads the model once
-(GGUF weights are memory-mapped, so the copies share them; each has its own context). Needs the `server` extra
-(FastAPI, uvicorn).
+(GGUF weights are memory-mapped, so the copies share them; each has its own context). The port is bound before the
+model loads, so a busy one is reported at once. Needs the `server` extra (FastAPI, uvicorn).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from r1v.cli.generate_cmd import add_model_arguments, load_options
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_BUSY_HINT = " (another server is listening there: stop it or choose another --port)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --allow-local-images: only files under DIR (relative paths taken from it)")
     server.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB (default 32)")
     server.add_argument("--max-image-mb", type=float, default=20.0, help="largest image in MB (default 20)")
+    server.add_argument("--max-megapixels", type=float, default=16.0, metavar="MPX",
+                        help="pixels of all images in one request together, in millions, read from the image headers "
+                             "before any is decoded (default 16; decoding holds ~3 bytes a pixel, more while "
+                             "converting)")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -46,7 +52,7 @@ def _model_name(source: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from r1v.runtime.serve.app import ServerConfig, serve
+        from r1v.runtime.serve.app import ServerConfig, bind_socket, serve
     except ImportError as e:
         print(f"r1v serve: error: {e.name or e} is missing; install the server extra: pip install 'r1v-edge[server]'",
               file=sys.stderr)
@@ -58,21 +64,29 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     if args.local_image_root and not args.allow_local_images:
         raise ValueError("--local-image-root needs --allow-local-images")
-    limits = ServerLimits(max_image_bytes=int(args.max_image_mb * 2**20), allow_local_images=args.allow_local_images,
+    limits = ServerLimits(max_image_bytes=int(args.max_image_mb * 2**20),
+                          max_request_pixels=int(args.max_megapixels * 1e6), allow_local_images=args.allow_local_images,
                           local_image_root=Path(args.local_image_root) if args.local_image_root else None)
     config = ServerConfig(model_name=args.served_model_name or _model_name(args.model), api_key=args.api_key or None,
                           queue=args.queue, max_body_bytes=int(args.max_body_mb * 2**20), limits=limits)
     if args.host not in _LOOPBACK and config.api_key is None:
         print(f"r1v serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    try:  # before loading: a busy port is known in a moment, not after the model loaded
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        print(f"r1v serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}"
+              f"{_BUSY_HINT if e.errno == errno.EADDRINUSE else ''}", file=sys.stderr)
+        return 2
     models = []
     try:
         for _ in range(args.max_concurrency):
             models.append(load(args.model, **load_options(args)))
         print(f"r1v serve: {models[0]!r} as {config.model_name!r} on http://{args.host}:{args.port}/v1 "
               f"({args.max_concurrency} slot(s), queue {args.queue})", file=sys.stderr, flush=True)
-        serve(models, config, host=args.host, port=args.port, log_level=args.log_level)
+        serve(models, config, host=args.host, port=args.port, log_level=args.log_level, sock=sock)
     finally:
+        sock.close()
         for model in models:
             model.close()
     return 0

@@ -2,7 +2,8 @@
 
 Bodies are read and checked by hand (`protocol.parse_chat_request`) rather than through pydantic models, so every
 refusal is OpenAI's error object with the offending field in `param`, and an oversized body is refused while it
-is read (413) instead of after.
+is read (413) instead of after. Images are budgeted from their headers (`protocol.check_images`: pixels, context
+positions) before a slot decodes any. A client that leaves while sending its body is not an error.
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ from typing import Any, AsyncIterator, Sequence
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .protocol import (
-    APIError, ServerLimits, chunk_response, completion_id, completion_response, error_from_exception,
-    parse_chat_request, usage,
+    APIError, ImageLayout, ServerLimits, check_images, chunk_response, completion_id, completion_response,
+    error_from_exception, parse_chat_request, usage,
 )
 from .slots import ClientGone, Job, SlotPool
 
-__all__ = ["ServerConfig", "ServerThread", "create_app", "serve"]
+__all__ = ["ServerConfig", "ServerThread", "bind_socket", "create_app", "image_layout", "serve"]
 
 log = logging.getLogger("r1v.serve")
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; nobody reads it
@@ -104,12 +106,26 @@ def _event(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def image_layout(model: Any) -> ImageLayout | None:
+    """How `model` lays out images, for counting their positions before decoding; None when it takes none or
+    does not say (the pixel budget still applies)."""
+    backend = getattr(model, "_backend", None)
+    tiling, per_tile = getattr(backend, "tiling", None), getattr(backend, "tokens_per_tile", None)
+    if not model.has_vision or tiling is None or not per_tile:
+        return None
+    options = model.options
+    # Only InternVL tiling without a time budget gives the tiles from the size alone; otherwise count one per image.
+    exact = getattr(options, "tiling", "internvl") == "internvl" and getattr(options, "image_budget", None) is None
+    return ImageLayout(model.n_ctx, per_tile, tiling if exact else None)
+
+
 # --- the application ------------------------------------------------------------------------------------
 
 def create_app(models: Sequence[Any], config: ServerConfig = ServerConfig()) -> FastAPI:
     """The application over loaded `models` (one generation slot each; they should be the same model)."""
     pool = SlotPool(models, config.queue)
     started = int(time.time())
+    layout = image_layout(models[0])
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -151,7 +167,14 @@ def create_app(models: Sequence[Any], config: ServerConfig = ServerConfig()) -> 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         _authorize(request, config.api_key)
-        chat = parse_chat_request(await _read_body(request, config.max_body_bytes), config.limits)
+        try:
+            body = await _read_body(request, config.max_body_bytes)
+        except ClientDisconnect:  # the client left while sending: nobody to answer, nothing to log
+            return Response(status_code=CLIENT_CLOSED)
+        chat = parse_chat_request(body, config.limits)
+        del body  # the parsed request holds what is needed
+        if chat.images:  # reads headers only, but may base64-decode megabytes: off the event loop
+            await asyncio.to_thread(check_images, chat, config.limits, layout)
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(_watch_disconnect(request, gone))
         try:
@@ -213,12 +236,34 @@ async def _sse(job: Job, watcher: asyncio.Future, model: str, include_usage: boo
 # --- running it -----------------------------------------------------------------------------------------
 
 def serve(models: Sequence[Any], config: ServerConfig = ServerConfig(), *, host: str = "127.0.0.1",
-          port: int = 8000, log_level: str = "info") -> None:
-    """Serve until interrupted (uvicorn; Ctrl-C stops it, running generations are cancelled)."""
+          port: int = 8000, log_level: str = "info", sock: socket.socket | None = None) -> None:
+    """Serve until interrupted (uvicorn; Ctrl-C stops it, running generations are cancelled). `sock`: a socket
+    already bound (`bind_socket`), so that a busy port was found before the models were loaded."""
     import uvicorn
 
-    uvicorn.run(create_app(models, config), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(create_app(models, config), host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock] if sock is not None else None)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; uvicorn.run swallows it likewise
+        pass
+    if not server.started:
+        raise SystemExit(3)  # as uvicorn.run: the reason is in the log already
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port as uvicorn binds one (SO_REUSEADDR; IPv6 for a host with ':'); raises
+    OSError when the address is taken or not this machine's."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -4,23 +4,33 @@ sends.
 
 Errors are `APIError` s carrying the HTTP status and OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``, with `param` naming the offending field.
+
+Images are checked in two steps: `parse_chat_request` checks where each comes from and its size in bytes;
+`check_images` then budgets them before any pixel is decoded - how many fit the model's context (from the
+count alone, then from each header's size), and their pixels together against `ServerLimits.max_request_pixels`.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # image.py (PIL, numpy) is imported only where images are checked
+    from ..image import TilingConfig
 
 __all__ = [
-    "APIError", "ChatRequest", "ServerLimits", "chunk_response", "completion_id", "completion_response",
-    "error_from_exception", "parse_chat_request", "usage",
+    "APIError", "ChatRequest", "ImageLayout", "ServerLimits", "check_images", "chunk_response", "completion_id",
+    "completion_response", "error_from_exception", "parse_chat_request", "usage",
 ]
 
 _MAX_STOP = 16  # OpenAI allows 4; llama.cpp and vLLM take more, and checking each costs little
+_MAX_INT_CHARS = 40  # a JSON integer longer than this is refused while parsing (Python's own limit is 4300 digits)
+_INT32_MAX = 2**31 - 1  # counts reach llama.cpp as int32
 
 
 class APIError(Exception):
@@ -42,16 +52,22 @@ def _bad(param: str | None, message: str, code: str | None = None) -> APIError:
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What a request may carry. `max_image_bytes`: the largest image (decoded bytes); `allow_local_images`:
-    image_url parts may name files on the server (paths or file:// URLs), under `local_image_root` if set."""
+    """What a request may carry. `max_image_bytes`: the largest image file (bytes); `max_request_pixels`: the
+    pixels of all of a request's images together, read from their headers before any is decoded (decoding
+    costs about 3 bytes a pixel held, up to ~45 a pixel while an image with alpha is converted);
+    `allow_local_images`: image_url parts may name files on the server (paths or file:// URLs), under
+    `local_image_root` if set."""
 
     max_image_bytes: int = 20 * 2**20
+    max_request_pixels: int = 16_000_000
     allow_local_images: bool = False
     local_image_root: Path | None = None
 
     def __post_init__(self) -> None:
         if self.max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
+        if self.max_request_pixels < 1:
+            raise ValueError(f"max_request_pixels must be >= 1, got {self.max_request_pixels}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     model: str | None = None
+    images: tuple[tuple[str, str], ...] = ()  # (param, source) of each image, in order, for `check_images`
 
 
 # --- scalar fields --------------------------------------------------------------------------------------
@@ -72,13 +89,27 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _shown(value: Any) -> str:
+    """A short JSON rendering of a client's value for an error message; never the whole of a big or deep one."""
+    if isinstance(value, str):
+        return json.dumps(value[:40]) + ("..." if len(value) > 40 else "")
+    if isinstance(value, list):
+        return f"an array of {len(value)} item(s)"
+    if isinstance(value, Mapping):
+        return f"an object of {len(value)} key(s)"
+    return json.dumps(value)  # a number (NaN, Infinity as Python's json writes them), true/false or null
+
+
 def _number(body: Mapping[str, Any], name: str, lo: float, hi: float | None = None, *,
             lo_open: bool = False) -> float | None:
     value = body.get(name)
     if value is None:
         return None
     if not _is_number(value):
-        raise _bad(name, f"'{name}' must be a number, got {json.dumps(value)[:40]}")
+        raise _bad(name, f"'{name}' must be a number, got {_shown(value)}")
+    # Python's json reads NaN, Infinity and 1e999 (inf): none is a usable setting, and NaN passes every range test.
+    if not math.isfinite(value):
+        raise _bad(name, f"'{name}' must be a finite number, got {_shown(value)}")
     if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
         left = "(" if lo_open else "["
         right = f"{hi}]" if hi is not None else "inf)"
@@ -86,23 +117,25 @@ def _number(body: Mapping[str, Any], name: str, lo: float, hi: float | None = No
     return float(value)
 
 
-def _integer(body: Mapping[str, Any], name: str, lo: int | None = None) -> int | None:
+def _integer(body: Mapping[str, Any], name: str, lo: int | None = None, hi: int = _INT32_MAX) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise _bad(name, f"'{name}' must be an integer, got {json.dumps(value)[:40]}")
+        raise _bad(name, f"'{name}' must be an integer, got {_shown(value)}")
     if lo is not None and value < lo:
         raise _bad(name, f"'{name}' must be >= {lo}, got {value}")
+    if value > hi:
+        raise _bad(name, f"'{name}' must be <= {hi}, got {value}")
     return value
 
 
 def _boolean(body: Mapping[str, Any], name: str) -> bool | None:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
-        raise _bad(name, f"'{name}' must be true or false, got {json.dumps(value)[:40]}")
+        raise _bad(name, f"'{name}' must be true or false, got {_shown(value)}")
     return value
 
 
@@ -132,7 +165,7 @@ def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
         "temperature": _number(body, "temperature", 0.0, 2.0),
         "top_p": _number(body, "top_p", 0.0, 1.0, lo_open=True),
         "min_p": _number(body, "min_p", 0.0, 1.0),
-        "seed": _integer(body, "seed"),
+        "seed": _integer(body, "seed", -(2**63), 2**64 - 1),  # any 64-bit seed; the backends reduce it
         "stop": _stop(body),
     }
     top_k = _integer(body, "top_k", -1)
@@ -184,21 +217,36 @@ def _image_source(url: str, param: str, limits: ServerLimits) -> str:
     if not limits.allow_local_images:
         raise _bad(param, f"{param}: must be a data: URL (data:image/png;base64,...); local file paths are accepted "
                           "only when the server runs with --allow-local-images", code="invalid_image_url")
-    path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path) if scheme == "file" else url).expanduser()
-    if limits.local_image_root is not None:
-        root = limits.local_image_root.resolve()
-        path = (root / path).resolve()
-        if not path.is_relative_to(root):
-            raise _bad(param, f"{param}: {url} is outside the allowed image folder", code="invalid_image_url")
-    if not path.is_file():
-        raise _bad(param, f"{param}: no such image file: {url}", code="invalid_image_url")
-    size = path.stat().st_size
+    try:
+        path = _local_image(url, scheme, param, limits.local_image_root)
+        size = path.stat().st_size
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte (%00 in a file: URL), a file gone meanwhile
+        reason = getattr(e, "strerror", None) or e
+        raise _bad(param, f"{param}: cannot use {_shown(url)} as an image file: {reason}",
+                   code="invalid_image_url") from None
     if size > limits.max_image_bytes:
         raise _too_large(param, size, limits.max_image_bytes)
     return str(path)
 
 
-def _messages(body: Mapping[str, Any], limits: ServerLimits) -> list[dict[str, Any]]:
+def _local_image(url: str, scheme: str, param: str, root: Path | None) -> Path:
+    """The checked path of a local image: a regular file, under `root` when one is set."""
+    path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path) if scheme == "file" else url).expanduser()
+    if "\0" in str(path):
+        raise ValueError("the path contains a NUL byte")
+    if root is not None:
+        root = root.resolve()
+        path = (root / path).resolve()
+        if not path.is_relative_to(root):
+            raise _bad(param, f"{param}: {url} is outside the allowed image folder", code="invalid_image_url")
+    if not path.is_file():
+        raise _bad(param, f"{param}: no such image file: {url}", code="invalid_image_url")
+    return path
+
+
+def _messages(body: Mapping[str, Any], limits: ServerLimits,
+              images: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The messages in the runtime's form; appends (param, source) of each image to `images`."""
     from ..chat import normalize_messages
 
     messages = body.get("messages")
@@ -217,6 +265,7 @@ def _messages(body: Mapping[str, Any], limits: ServerLimits) -> list[dict[str, A
                     if not isinstance(url, str) or not url:
                         raise _bad(param, f"{param}: an image_url part needs image_url.url (a data: URL)")
                     part = {"type": "image", "image": _image_source(url, param, limits)}
+                    images.append((param, part["image"]))
                 elif isinstance(part, Mapping) and part.get("type") == "image":
                     raise _bad(f"messages[{i}].content[{j}].type",
                                f"messages[{i}].content[{j}]: use an 'image_url' part for images")
@@ -229,15 +278,70 @@ def _messages(body: Mapping[str, Any], limits: ServerLimits) -> list[dict[str, A
         raise _bad("messages", str(e)) from None
 
 
+@dataclass(frozen=True)
+class ImageLayout:
+    """How the served model lays an image out in its context, to count positions from header sizes alone.
+    `tiling`: InternVL tiling, which gives each image's tiles exactly; None when the tiles are not known before
+    decoding (libmtmd's own tiling, or an image time budget that may lower them): then one tile per image is
+    counted, a lower bound. `tags`: the positions around each image (``<img>``, ``</img>``)."""
+
+    n_ctx: int
+    tokens_per_tile: int
+    tiling: TilingConfig | None = None
+    tags: int = 2
+
+    def positions(self, width: int, height: int) -> int:
+        from ..tile_budget import image_tiles
+
+        tiles = image_tiles(width, height, self.tiling) if self.tiling is not None else 1
+        return tiles * self.tokens_per_tile + self.tags
+
+
+def _context_exceeded(n_images: int, positions: int, n_ctx: int, how: str) -> APIError:
+    return APIError(400, f"the request's {n_images} image(s) take {how}{positions} context positions, but the "
+                         f"context window is {n_ctx} tokens (n_ctx), which leaves no room for the text and an answer; "
+                         "send fewer or smaller images", param="messages", code="context_length_exceeded")
+
+
+def check_images(request: ChatRequest, limits: ServerLimits, layout: ImageLayout | None = None) -> None:
+    """Refuse a request's images before any is decoded: when even their count at one tile each cannot fit the
+    context (400 context_length_exceeded, no image opened); then image by image from the header alone: an
+    unreadable one (400 invalid_image), pixels beyond `limits.max_request_pixels` together (413 image_too_large),
+    positions beyond the context (400). The backend decodes only what passed. Reads each image's bytes once
+    (base64 decoded, a file read) and keeps nothing."""
+    from ..image import ImageError, image_size
+
+    images = request.images
+    if not images:
+        return
+    if layout is not None:
+        least = len(images) * (layout.tokens_per_tile + layout.tags)
+        if least >= layout.n_ctx:
+            raise _context_exceeded(len(images), least, layout.n_ctx, "at least ")
+    pixels = positions = 0
+    for i, (param, source) in enumerate(images):
+        try:
+            width, height = image_size(source)
+        except ImageError as e:
+            raise _bad(param, f"{param}: {e}", code="invalid_image") from None
+        pixels += width * height
+        if pixels > limits.max_request_pixels:
+            sofar = f"; with the {i} image(s) before it, {pixels} pixels" if i else ""
+            raise APIError(413, f"{param}: image is {width}x{height} = {width * height} pixels{sofar}, more than the "
+                                f"limit of {limits.max_request_pixels} pixels per request (r1v serve "
+                                "--max-megapixels); refused before decoding", param=param, code="image_too_large")
+        if layout is not None:
+            positions += layout.positions(width, height)
+            if positions >= layout.n_ctx:
+                raise _context_exceeded(i + 1, positions, layout.n_ctx, "at least " if layout.tiling is None else "")
+
+
 # --- requests -------------------------------------------------------------------------------------------
 
 def parse_chat_request(body: bytes | str | Mapping[str, Any], limits: ServerLimits = ServerLimits()) -> ChatRequest:
     """Check a `/v1/chat/completions` body (raw JSON or already parsed). Raises APIError (400, 413)."""
     if isinstance(body, (bytes, str)):
-        try:
-            body = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(None, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        body = _json(body)
     if not isinstance(body, Mapping):
         raise _bad(None, "the request body must be a JSON object")
     model = body.get("model")
@@ -249,7 +353,26 @@ def parse_chat_request(body: bytes | str | Mapping[str, Any], limits: ServerLimi
     if options is not None and not isinstance(options, Mapping):
         raise _bad("stream_options", "'stream_options' must be an object")
     include_usage = bool(_boolean(options or {}, "include_usage"))
-    return ChatRequest(_messages(body, limits), _sampling(body), stream, include_usage, model)
+    images: list[tuple[str, str]] = []
+    messages = _messages(body, limits, images)
+    return ChatRequest(messages, _sampling(body), stream, include_usage, model, tuple(images))
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > _MAX_INT_CHARS:
+        raise _bad(None, f"the request body has a {len(text)}-character integer ({text[:12]}...); integers of more "
+                         f"than {_MAX_INT_CHARS} characters are refused", code="invalid_json")
+    return int(text)
+
+
+def _json(body: bytes | str) -> Any:
+    try:
+        return json.loads(body, parse_int=_parse_int)
+    except RecursionError:  # json's decoder recurses once per level of [ or {
+        raise _bad(None, "the request body is not valid JSON: arrays or objects nested too deeply",
+                   code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise _bad(None, f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
 
 # --- responses ------------------------------------------------------------------------------------------
