@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import gguf
 import pytest
@@ -67,17 +67,17 @@ def _r1v(*args: str) -> subprocess.CompletedProcess:
                           errors="replace", timeout=300)
 
 
-def _positions(model: Model, prompt: str, images: list[Any]) -> int:
-    rendered = model.render(prompt, images)
+def _positions(model: Model, prompt: str, images: Sequence[str]) -> int:
+    rendered = model.render(prompt, list(images))
     return model._backend.prepare(rendered.fragments, rendered.images).n_positions
 
 
-def _prompt_of(model: Model, n: int, images: list[Any] = ()) -> str:
+def _prompt_of(model: Model, n: int, images: Sequence[str] = ()) -> str:
     """A question whose prompt (template, images) takes exactly `n` positions."""
-    base = _positions(model, "", list(images))
+    base = _positions(model, "", images)
     for words in range(max(0, n - base - 4), n - base + 4):
         question = " ".join(["a"] * words)  # one token per word in the tiny vocabulary
-        if _positions(model, question, list(images)) == n:
+        if _positions(model, question, images) == n:
             return question
     raise AssertionError(f"no run of 'a' makes a prompt of {n} positions")
 

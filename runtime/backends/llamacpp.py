@@ -26,6 +26,12 @@ fits, from this machine's measured encode and prefill rates (`r1v.runtime.tile_b
 Sampling: llama.cpp's sampler chain - penalties, top-k, top-p, min-p, temperature, seeded distribution, or
 greedy at temperature 0 - run by llama.cpp on the logits of the last position (`llama_sampler_sample`).
 
+Files and sizes: both GGUF files are read and checked before llama.cpp sees them (`resolve.read_gguf_header`:
+not GGUF, truncated), and a projector whose provenance (`r1v.source.*`) names another checkpoint than the
+model's is refused (`check_same_source`) unless `allow_mismatched_mmproj`. The context window is the n_ctx
+asked for (llama.cpp pads its KV cache to 256 cells but caps each llama_decode batch at the asked n_ctx and
+aborts on a larger one), and prompts go to llama_decode in batches of llama.cpp's own n_batch.
+
 No `llama_cpp.Llama`: it allocates n_batch x n_vocab floats for logits nobody reads here (~0.3 GB for
 R1V's 152k vocabulary) and evaluates through a slower Python path.
 """
@@ -398,9 +404,9 @@ class LlamaCppBackend:
     # --- prompts ------------------------------------------------------------------------------------
     def prepare(self, pieces: Sequence[TextPiece], images: Sequence[Any], *, max_tiles: int | None = None,
                 image_budget: float | None = None) -> Prompt:
-        """Tokenize the text pieces (`tokenize_pieces`), load the images and lay them out (tile counts, positions); no model
-        work yet (except measuring this machine's rates once, for a first image budget). `max_tiles` and
-        `image_budget` (seconds) override the load options for this prompt."""
+        """Tokenize the text pieces (`tokenize_pieces`), load the images and lay them out (tile counts,
+        positions); no model work yet (except measuring this machine's rates once, for a first image budget).
+        `max_tiles` and `image_budget` (seconds) override the load options for this prompt."""
         self._live()
         if len(pieces) != len(images) + 1:
             raise ValueError(f"{len(pieces)} text pieces for {len(images)} images")
