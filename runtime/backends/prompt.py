@@ -77,12 +77,22 @@ class Run:
 
 
 def tokenize_pieces(tokenize: Callable[..., list[int]], pieces: Sequence[TextPiece]) -> list[list[int]]:
-    """Token ids of each text piece with a backend's `tokenize(text, special=...)`: message text with special
-    tokens off, so that typed ``<|im_end|>`` or ``<IMG_CONTEXT>`` stays text; the template's text with them on."""
+    """Token ids of each text piece with a backend's `tokenize(text, special=...)`.
+
+    A piece whose message text holds no special token's text is tokenized whole, with special tokens on:
+    exactly the ids the model's own tools give the rendered prompt (cutting it at message boundaries could
+    change merges there). Only where message text would parse into special tokens (a typed ``<|im_end|>`` or
+    ``<IMG_CONTEXT>``) is the piece tokenized fragment by fragment, the message text with them off.
+    """
     out = []
     for piece in pieces:
-        fragments = [(piece, True)] if isinstance(piece, str) else piece
-        out.append([t for text, special in fragments for t in tokenize(text, special=special)])
+        fragments = [(piece, True)] if isinstance(piece, str) else list(piece)
+        injected = any(not special and tokenize(text, special=True) != tokenize(text, special=False)
+                       for text, special in fragments)
+        if injected:
+            out.append([t for text, special in fragments for t in tokenize(text, special=special)])
+        else:
+            out.append(tokenize("".join(text for text, _ in fragments), special=True))
     return out
 
 
