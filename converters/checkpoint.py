@@ -7,13 +7,15 @@ tensor data is memory-mapped and copied only when a caller asks for it.
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .config import R1VConfig, load_config
+from .config import R1VConfig, check_token_ids, load_config
 from .errors import CheckpointError
 from .safetensors_io import MappedFile, TensorInfo, bf16_to_f32, read_header
 
@@ -100,6 +102,11 @@ class Checkpoint:
             if info.name.startswith(prefix):
                 yield info
 
+    @property
+    def name(self) -> str:
+        """The checkpoint directory's own name (also for a relative path such as ".")."""
+        return Path(os.path.abspath(self.path)).name
+
     def component(self, name: str) -> str:
         return self.config.family.component_of(name)
 
@@ -144,18 +151,52 @@ def open_checkpoint(path: str | Path, *, check_shapes: bool = True) -> Checkpoin
         raise CheckpointError(f"{path}: not a checkpoint directory")
     config = load_config(path)
     tensors = _read_tensor_index(path)
+    check_layer_counts(config, tensors, path / "config.json")  # before anything sized by the config
     if check_shapes:
         _check_shapes(path, config, tensors)
+    generation_path = path / "generation_config.json"
+    generation_config = read_json(generation_path, optional=True)
+    check_token_ids(generation_config, str(generation_path), config.llm.vocab_size)
     return Checkpoint(
         path=path,
         config=config,
         tensors=tensors,
         tokenizer=read_tokenizer_files(path),
-        generation_config=_read_json(path / "generation_config.json", optional=True),
+        generation_config=generation_config,
     )
 
 
-def _read_json(path: Path, optional: bool = False) -> dict[str, Any]:
+def has_weights(path: Path) -> bool:
+    """Whether directory `path` holds safetensors weights (an index, one file or shards)."""
+    return (path / INDEX_FILE).is_file() or any(path.glob("*.safetensors"))
+
+
+def load_checked_config(path: str | Path) -> R1VConfig:
+    """config.json of `path` (a directory or the file itself), checked against the tensors when the directory
+    holds weights (headers only are read), so a config whose layer counts disagree with them is refused."""
+    path = Path(path)
+    config = load_config(path)
+    if path.is_dir() and has_weights(path):
+        check_layer_counts(config, _read_tensor_index(path), path / "config.json")
+    return config
+
+
+def check_layer_counts(config: R1VConfig, names: Iterable[str], source: Path) -> None:
+    """Each stack of layers in the tensors must be numbered 0..depth-1 with the depth config.json gives."""
+    for stack in config.family.layer_stacks(config):
+        pattern = re.compile(re.escape(stack.prefix) + r"(\d+)\.")
+        found = {int(m.group(1)) for name in names if (m := pattern.match(name))}
+        held = max(found) + 1 if found else 0
+        if held != stack.depth:
+            raise CheckpointError(f"{source}: {stack.field} is {stack.depth} but the checkpoint's tensors hold "
+                                  f"{held} layers ({stack.prefix}N.*)")
+        gaps = sorted(set(range(held)) - found)
+        if gaps:
+            raise CheckpointError(f"{source}: {stack.field} is {stack.depth} but the checkpoint has no tensors "
+                                  f"for layer {gaps[0]} ({stack.prefix}{gaps[0]}.*)")
+
+
+def read_json(path: Path, optional: bool = False) -> dict[str, Any]:
     if not path.is_file():
         if optional:
             return {}
@@ -172,10 +213,10 @@ def _read_json(path: Path, optional: bool = False) -> dict[str, Any]:
 def _read_tensor_index(path: Path) -> dict[str, TensorInfo]:
     index_path = path / INDEX_FILE
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: missing or empty 'weight_map'")
-        shards = sorted(set(weight_map.values()))
+        shards = sorted({_shard_name(index_path, name, shard) for name, shard in weight_map.items()})
     elif (path / SINGLE_FILE).is_file():
         weight_map, shards = None, [SINGLE_FILE]
     else:
@@ -205,6 +246,18 @@ def _read_tensor_index(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def _shard_name(index_path: Path, tensor: str, shard: Any) -> str:
+    """A weight_map entry must name a file in the checkpoint directory itself: a bare file name, so no
+    absolute path and no `..`. Checked on the name, not on where the file resolves: hub snapshots are
+    symlinks into ../../blobs."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index_path}: tensor {tensor!r} maps to {shard!r}, not a shard file name")
+    if shard in (".", "..") or "/" in shard or "\\" in shard:
+        raise CheckpointError(f"{index_path}: tensor {tensor!r} maps to {shard!r}, which is not a file "
+                              "name in the checkpoint directory; shards sit beside the index (no paths, no '..')")
+    return shard
+
+
 def _check_shapes(path: Path, config: R1VConfig, tensors: dict[str, TensorInfo]) -> None:
     expected = config.family.expected_shapes(config)
     for name, shape in expected.items():
@@ -228,24 +281,56 @@ def _token_content(token: Any) -> str | None:
     return token if isinstance(token, str) else None
 
 
+def token_id(value: Any, where: Path | str, token: str) -> int:
+    """`value` as a token id: a non-negative integer (a numeric string in JSON object keys), else an error
+    naming the file and the token."""
+    if isinstance(value, str) and value.isdecimal():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{where}: token {token!r} has id {value!r}; a token id is a non-negative integer")
+    return value
+
+
+def added_token_entries(path: Path, tokenizer_json: dict[str, Any], tokenizer_config: dict[str, Any]
+                        ) -> list[tuple[str, int, bool]]:
+    """(content, id, special) of every added token: tokenizer.json's (its parsed `tokenizer_json`), then
+    tokenizer_config.json's added_tokens_decoder, then added_tokens.json (no special flag); readers let the
+    first source that names a token win. Each id is checked, naming the file and the token."""
+    entries: list[tuple[str, int, bool]] = []
+    where = path / "tokenizer.json"
+    for entry in tokenizer_json.get("added_tokens") or []:
+        content = _entry_content(entry, where)
+        entries.append((content, token_id(entry.get("id"), where, content), bool(entry.get("special", False))))
+    config_path = path / "tokenizer_config.json"
+    for key, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
+        content = _entry_content(entry, config_path)
+        entries.append((content, token_id(key, config_path, content), bool(entry.get("special", False))))
+    added_path = path / "added_tokens.json"
+    for content, value in read_json(added_path, optional=True).items():
+        entries.append((content, token_id(value, added_path, content), False))
+    return entries
+
+
+def _entry_content(entry: Any, where: Path) -> str:
+    content = entry.get("content") if isinstance(entry, dict) else None
+    if not isinstance(content, str):
+        raise CheckpointError(f"{where}: added token entry {entry!r} has no string 'content'")
+    return content
+
+
 def read_tokenizer_files(path: Path) -> TokenizerFiles:
     """Find the tokenizer (tokenizer.json, or vocab.json + merges.txt) and its added tokens and template."""
     tokenizer_json = path / "tokenizer.json"
     vocab, merges = path / "vocab.json", path / "merges.txt"
     if not tokenizer_json.is_file() and not (vocab.is_file() and merges.is_file()):
         raise CheckpointError(f"{path}: missing tokenizer: neither tokenizer.json nor vocab.json + merges.txt")
-    tokenizer_config = _read_json(path / "tokenizer_config.json", optional=True)
+    tokenizer_config = read_json(path / "tokenizer_config.json", optional=True)
+    data = read_json(tokenizer_json) if tokenizer_json.is_file() else {}
+    if tokenizer_json.is_file() and not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{tokenizer_json}: missing field 'model'")
     added: dict[str, int] = {}
-    if tokenizer_json.is_file():
-        data = _read_json(tokenizer_json)
-        if not isinstance(data.get("model"), dict):
-            raise CheckpointError(f"{tokenizer_json}: missing field 'model'")
-        for entry in data.get("added_tokens") or []:
-            added[entry["content"]] = int(entry["id"])
-    for token_id, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
-        added.setdefault(entry["content"], int(token_id))
-    for content, token_id in _read_json(path / "added_tokens.json", optional=True).items():
-        added.setdefault(content, int(token_id))
+    for content, value, _ in added_token_entries(path, data, tokenizer_config):
+        added.setdefault(content, value)
     template = tokenizer_config.get("chat_template")
     jinja_file = path / "chat_template.jinja"
     if template is None and jinja_file.is_file():

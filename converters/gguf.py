@@ -2,11 +2,13 @@
 and the vision projector (mmproj).
 
 F32/F16/BF16/Q8_0 are written directly; k-quants and Q4_0 go through llama.cpp's own quantizer from one
-F16/BF16 intermediate, shared by every such type asked for in the run. Each file appears only when
-complete; if the run fails, files it already finished are removed too, so OUTDIR is as it was.
+F16/BF16 intermediate, shared by every such type asked for in the run. Files are written under hidden names
+and take their final names together when the whole run has succeeded: a run that fails or is interrupted
+leaves OUTDIR as it was, earlier runs' files included.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +62,7 @@ def convert_gguf(
     """
     from .gguf_llm import write_llm_gguf
     from .gguf_mmproj import check_mmproj_supported, write_mmproj_gguf
-    from .gguf_quantize import quantize_gguf
+    from .gguf_quantize import quantize_gguf, read_imatrix
 
     quants = list(dict.fromkeys(q.lower() for q in quant))
     for q in quants:
@@ -73,11 +75,22 @@ def convert_gguf(
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     out = Path(outdir)
-    name = name or ckpt.path.name
+    name = name or ckpt.name
     result = GGUFConversion()
+    staged: dict[Path, Path] = {}  # final path -> this run's complete file under a hidden name
+    temporary: str | None = None  # the 16-bit intermediate's type when no requested output can serve
+
+    def stage(final: Path) -> Path:
+        staged[final] = final.with_name(f".{final.name}.new")
+        return staged[final]
+
     try:
         if mmproj_quant is not None:
             check_mmproj_supported(ckpt.config, str(ckpt.path / "config.json"))  # refuse before any work
+        direct = [q for q in quants if q in DIRECT_TYPES]
+        via_llama = [q for q in quants if q not in DIRECT_TYPES]
+        if imatrix is not None and via_llama:
+            read_imatrix(Path(imatrix))  # a bad imatrix is refused now, not after the 16-bit file is written
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -86,41 +99,45 @@ def convert_gguf(
         def timed(key: str, start: float) -> None:
             result.seconds[key] = round(time.perf_counter() - start, 3)
 
-        direct = [q for q in quants if q in DIRECT_TYPES]
-        via_llama = [q for q in quants if q not in DIRECT_TYPES]
         # llama.cpp's quantizer reads one 16-bit intermediate: a requested F16/BF16 output if there is one,
         # else a temporary file, BF16 when the source is BF16 (exact) and F16 otherwise.
         intermediate = next((q for q in ("bf16", "f16") if q in direct), None)
-        temporary = None
         if via_llama and intermediate is None:
             source_bf16 = any(t.dtype == "BF16" for t in ckpt.iter_tensors("language_model."))
             intermediate = temporary = "bf16" if source_bf16 else "f16"
             direct.append(temporary)
 
+        written: dict[str, Path] = {}  # quant -> file this run wrote (staged, or the temporary intermediate)
         for q in direct:
             start = time.perf_counter()
-            target = out / (f".{name}-{q}.intermediate.gguf" if q == temporary else llm_file_name(name, q))
-            result.llm[q] = write_llm_gguf(ckpt, target, q, pre_tokenizer=pre_tokenizer,
-                                           chat_template=chat_template, progress=progress)
+            target = (out / f".{name}-{q}.intermediate.gguf" if q == temporary
+                      else stage(out / llm_file_name(name, q)))
+            written[q] = write_llm_gguf(ckpt, target, q, pre_tokenizer=pre_tokenizer,
+                                        chat_template=chat_template, progress=progress)
             timed(f"llm.{q}", start)
         for q in via_llama:
             start = time.perf_counter()
-            result.llm[q] = quantize_gguf(result.llm[intermediate], out / llm_file_name(name, q), q,
-                                          imatrix=Path(imatrix) if imatrix else None, threads=threads)
+            written[q] = quantize_gguf(written[intermediate], stage(out / llm_file_name(name, q)), q,
+                                       imatrix=Path(imatrix) if imatrix else None, threads=threads)
             timed(f"llm.{q}", start)
-        if temporary:
-            result.llm.pop(temporary).unlink()
 
         if mmproj_quant is not None:
             start = time.perf_counter()
             q = mmproj_quant.lower()
-            result.mmproj = write_mmproj_gguf(ckpt, out / mmproj_file_name(name, q), q, progress=progress)
+            write_mmproj_gguf(ckpt, stage(out / mmproj_file_name(name, q)), q, progress=progress)
             timed(f"mmproj.{q}", start)
-    except BaseException:
-        for path in result.files:  # nothing half-done stays behind: remove this run's finished files too
-            path.unlink(missing_ok=True)
-        raise
+        # Every file is complete: only now do they replace the files of an earlier run, so a run that fails
+        # or is interrupted before this point leaves OUTDIR as it found it.
+        for final, new in staged.items():
+            os.replace(new, final)
+        result.llm = {q: out / llm_file_name(name, q) for q in quants}
+        if mmproj_quant is not None:
+            result.mmproj = out / mmproj_file_name(name, mmproj_quant.lower())
     finally:
+        for new in staged.values():  # nothing half-done stays behind, and nothing this run did not write goes
+            new.unlink(missing_ok=True)
+        if temporary:
+            (out / f".{name}-{temporary}.intermediate.gguf").unlink(missing_ok=True)
         if ckpt is not checkpoint:
             ckpt.close()
     return result

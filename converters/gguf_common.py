@@ -172,11 +172,12 @@ def write_gguf(path: Path, arch: str, add_kv: KVWriter, tensors: list[PlannedTen
     return path
 
 
-def add_provenance(writer: gguf.GGUFWriter, source: Path, config_sha256: str, quant: str) -> None:
-    """Where a file came from: the source checkpoint, its config hash, our version and the quant type."""
+def add_provenance(writer: gguf.GGUFWriter, source_name: str, config_sha256: str, quant: str) -> None:
+    """Where a file came from: the source checkpoint's directory name (not its path: a file others download
+    should not carry the converting machine's directories), its config hash, our version and the quant type."""
     from r1v import __version__
 
-    writer.add_string("r1v.source.checkpoint", str(source))
+    writer.add_string("r1v.source.checkpoint", source_name)
     writer.add_string("r1v.source.config_sha256", config_sha256)
     writer.add_string("r1v.version", __version__)
     writer.add_string("r1v.quant", quant)

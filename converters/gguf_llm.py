@@ -102,7 +102,7 @@ def write_llm_gguf(
 def add_llm_kv(writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: GGUFVocab, out_type: str) -> None:
     """general.*, qwen2.* hyper-parameters, tokenizer.* and provenance keys."""
     llm = ckpt.config.llm
-    writer.add_name(ckpt.path.name)
+    writer.add_name(ckpt.name)
     writer.add_file_type(FILE_TYPES[out_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(llm.max_position_embeddings)
@@ -116,7 +116,7 @@ def add_llm_kv(writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab: GGUFVocab, out_
     writer.add_vocab_size(llm.vocab_size)
     _add_rope_scaling(writer, ckpt)
     add_vocab(writer, vocab)
-    add_provenance(writer, ckpt.path, ckpt.config.sha256, out_type)
+    add_provenance(writer, ckpt.name, ckpt.config.sha256, out_type)
 
 
 def _requested_type(out_type: str) -> QType:

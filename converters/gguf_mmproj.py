@@ -17,7 +17,7 @@ Where it differs from llama.cpp's converter:
 """
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ import numpy as np
 
 from r1v.runtime.image import IMAGENET_MEAN, IMAGENET_STD
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, read_json
 from .config import R1VConfig
 from .errors import CheckpointError
 from .gguf_common import (
@@ -258,18 +258,15 @@ def _producer(shared: _SharedRead, src: _Source, cls_last: bool = False) -> Call
 def image_mean_std(ckpt: Checkpoint) -> tuple[list[float], list[float]]:
     """preprocessor_config.json's image_mean/std when the checkpoint ships one, else InternVL's ImageNet values."""
     path = ckpt.path / "preprocessor_config.json"
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        mean, std = data.get("image_mean"), data.get("image_std")
-        if mean is not None or std is not None:
-            for key, value in (("image_mean", mean), ("image_std", std)):
-                numbers = isinstance(value, list) and all(isinstance(x, (int, float)) for x in value)
-                if not (numbers and len(value) == 3):
-                    raise CheckpointError(f"{path}: {key} must be a list of 3 numbers, got {value!r}")
-            return [float(x) for x in mean], [float(x) for x in std]
+    data = read_json(path, optional=True)
+    mean, std = data.get("image_mean"), data.get("image_std")
+    if mean is not None or std is not None:
+        for key, value in (("image_mean", mean), ("image_std", std)):
+            numbers = isinstance(value, list) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+            if not (numbers and len(value) == 3) or (key == "image_std" and min(value) <= 0):
+                raise CheckpointError(f"{path}: {key} must be a list of 3 finite numbers (std > 0), got {value!r}")
+        return [float(x) for x in mean], [float(x) for x in std]
     return list(IMAGENET_MEAN), list(IMAGENET_STD)
 
 
@@ -280,7 +277,7 @@ def _kv_writer(ckpt: Checkpoint, out_type: str, block_count: int) -> Callable[[g
 
     def add_kv(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MMPROJ)
-        w.add_name(ckpt.path.name)
+        w.add_name(ckpt.name)
         w.add_file_type(FILE_TYPES[out_type])
         w.add_clip_has_vision_encoder(True)
         w.add_clip_projector_type(PROJECTOR_TYPE)
@@ -302,7 +299,7 @@ def _kv_writer(ckpt: Checkpoint, out_type: str, block_count: int) -> Callable[[g
         w.add_vision_preproc_min_tiles(cfg.min_dynamic_patch)
         w.add_vision_preproc_max_tiles(cfg.max_dynamic_patch)
         w.add_string(POSITION_ORDER_KEY, POSITION_ORDER)
-        add_provenance(w, ckpt.path, cfg.sha256, out_type)
+        add_provenance(w, ckpt.name, cfg.sha256, out_type)
 
     return add_kv
 

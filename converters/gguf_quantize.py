@@ -89,7 +89,12 @@ def read_imatrix(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str | int
         raise ConversionError(f"{path}: imatrix file not found")
     with open(path, "rb") as f:
         magic = f.read(4)
-    entries, chunks, datasets = (_read_gguf_imatrix if magic == b"GGUF" else _read_legacy_imatrix)(path)
+    try:
+        entries, chunks, datasets = (_read_gguf_imatrix if magic == b"GGUF" else _read_legacy_imatrix)(path)
+    except ConversionError:
+        raise
+    except (ValueError, KeyError, IndexError, struct.error) as e:  # gguf-py / numpy on a damaged file
+        raise ConversionError(f"{path}: not a readable imatrix file ({e})") from None
     if not entries:
         raise ConversionError(f"{path}: the imatrix holds no entries")
     for name, values in entries.items():
@@ -146,14 +151,18 @@ def _read_legacy_imatrix(path: Path) -> tuple[dict[str, np.ndarray], int, list[s
         return values
 
     (n_entries,) = take("<i")
-    if n_entries < 1:
-        raise ConversionError(f"{path}: not an imatrix file (no entries)")
+    if not 1 <= n_entries <= len(data) // 12:  # each entry takes at least 12 bytes
+        raise ConversionError(f"{path}: not an imatrix file (it claims {n_entries} entries)")
     entries = {}
     for _ in range(n_entries):
         (length,) = take("<i")
+        if not 0 < length <= len(data) - pos:
+            raise ConversionError(f"{path}: not an imatrix file (an entry name of {length} bytes)")
         name = data[pos:pos + length].decode("utf-8")
         pos += length
         ncall, nval = take("<ii")
+        if not 0 < nval <= (len(data) - pos) // 4:
+            raise ConversionError(f"{path}: truncated or not an imatrix file (entry {name!r} claims {nval} values)")
         values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
         pos += 4 * nval
         entries[name] = values / ncall if ncall > 0 else values

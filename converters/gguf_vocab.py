@@ -16,7 +16,6 @@ tokenizer_config.json, generation_config.json and llm_config), never from memory
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import gguf
 
 from ..resources import chat_template as family_chat_template
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, added_token_entries, read_json, token_id
 from .gguf_common import ConversionError
 
 TokenType = gguf.TokenType
@@ -157,27 +156,30 @@ def _read_tokenizer(ckpt: Checkpoint) -> tuple[dict[str, int], dict[str, tuple[i
     vocab: dict[str, int] = {}
     added: dict[str, tuple[int, bool]] = {}
     merges: list[str] = []
+    data: dict[str, Any] = {}
     if files.tokenizer_json is not None:
-        data = json.loads(files.tokenizer_json.read_text(encoding="utf-8"))
+        data = read_json(files.tokenizer_json)
         model = data.get("model") or {}
         if model.get("type", "BPE") != "BPE":
             raise ConversionError(f"{files.tokenizer_json}: tokenizer model is {model.get('type')!r}; "
                                   "a Qwen2 byte-level BPE tokenizer is expected")
-        vocab = {str(t): int(i) for t, i in (model.get("vocab") or {}).items()}
+        vocab = _vocab_ids(model.get("vocab") or {}, files.tokenizer_json)
         merges = _merge_strings(model.get("merges") or [], files.tokenizer_json)
-        for entry in data.get("added_tokens") or []:
-            added[entry["content"]] = (int(entry["id"]), bool(entry.get("special", False)))
     if files.vocab_merges is not None:
         vocab_file, merges_file = files.vocab_merges
         if not vocab:
-            vocab = {str(t): int(i) for t, i in json.loads(vocab_file.read_text(encoding="utf-8")).items()}
+            vocab = _vocab_ids(read_json(vocab_file), vocab_file)
         if not merges:
             merges = _merges_txt(merges_file)
-    for token_id, entry in (files.tokenizer_config.get("added_tokens_decoder") or {}).items():
-        added.setdefault(entry["content"], (int(token_id), bool(entry.get("special", False))))
-    for content, token_id in files.added_tokens.items():  # added_tokens.json: no special flag
-        added.setdefault(content, (int(token_id), False))
+    for content, token_id, special in added_token_entries(ckpt.path, data, files.tokenizer_config):
+        added.setdefault(content, (token_id, special))
     return vocab, added, merges
+
+
+def _vocab_ids(vocab: Any, where: Path) -> dict[str, int]:
+    if not isinstance(vocab, dict):
+        raise ConversionError(f"{where}: the vocabulary is not a JSON object of token -> id")
+    return {str(t): token_id(i, where, str(t)) for t, i in vocab.items()}
 
 
 def _merge_strings(merges: list[Any], where: Path) -> list[str]:

@@ -68,6 +68,8 @@ from .rtn import check_groupable, quantize_rtn
 VISION_MODES = ("fp16", "int8", "int4")
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+WORK_KEY_CHARS = 16  # hex digits of the run's key in its work directory's name
+_HEX = frozenset("0123456789abcdef")
 LLM = "language_model.model."
 VISION_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 _CHUNK_ELEMENTS = 1 << 26  # elements of the widest activation one forward chunk may make (256 MB in fp32)
@@ -229,7 +231,7 @@ class _Run:
         self.dtype = opts.dtype
         self.fingerprint = calibration_fingerprint(items)
         self.key = self._key()
-        self.work = out.parent / f".{out.name}.partial-{self.key[:16]}"
+        self.work = out.parent / f".{out.name}.partial-{self.key[:WORK_KEY_CHARS]}"
         self.seconds: dict[str, float] = {}
 
     def _key(self) -> str:
@@ -253,7 +255,7 @@ class _Run:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConversionError(f"{self.out.parent}: cannot create the output's parent ({e.strerror})") from None
-        for stale in self.out.parent.glob(f".{self.out.name}.partial-*"):
+        for stale in _work_dirs(self.out):
             if stale != self.work:
                 self.say(f"removing {stale}: an unfinished run with other inputs or options")
                 shutil.rmtree(stale, ignore_errors=True)
@@ -570,6 +572,18 @@ def load_module(ckpt: Checkpoint, make: Callable[[], nn.Module], prefix: str, de
 
 
 # --- helpers --------------------------------------------------------------------------------------------------
+def _work_dirs(out: Path) -> list[Path]:
+    """The unfinished runs' work directories of OUTDIR `out`: `.<name>.partial-<16 hex digits>`, matched
+    exactly (never as a glob pattern: `out` may hold `*` or `[`) so no other output's work is touched."""
+    prefix = f".{out.name}.partial-"
+    found = []
+    for entry in out.parent.iterdir():
+        key = entry.name.removeprefix(prefix)
+        if entry.name.startswith(prefix) and len(key) == WORK_KEY_CHARS and all(c in _HEX for c in key):
+            found.append(entry)
+    return found
+
+
 def _layer_name(i: int) -> str:
     return f"layer-{i:05d}.safetensors"
 

@@ -80,6 +80,14 @@ def expected_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def layer_stacks(cfg: R1VConfig) -> tuple[LayerStack, ...]:
+    """The stacks of numbered layers and the depth config.json gives each."""
+    return (
+        LayerStack("llm_config.num_hidden_layers", "language_model.model.layers.", cfg.llm.num_hidden_layers),
+        LayerStack("vision_config.num_hidden_layers", "vision_model.encoder.layers.", cfg.vision.num_hidden_layers),
+    )
+
+
 def component_of(tensor_name: str) -> str:
     """'vision', 'projector', 'embeddings', 'lm_head' or 'llm' (decoder layers + final norm)."""
     for prefix, component in COMPONENT_PREFIXES:
@@ -89,12 +97,22 @@ def component_of(tensor_name: str) -> str:
 
 
 @dataclass(frozen=True)
+class LayerStack:
+    """Layers `{prefix}{i}.*` for i in range(depth); `field` is the config.json field giving the depth."""
+
+    field: str
+    prefix: str
+    depth: int
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
     expected_shapes: Callable[[R1VConfig], dict[str, tuple[int, ...]]]
     component_of: Callable[[str], str]
+    layer_stacks: Callable[[R1VConfig], tuple[LayerStack, ...]]
 
 
 SKYWORK_CHAT = Family(
@@ -103,4 +121,5 @@ SKYWORK_CHAT = Family(
     model_types=("skywork_chat", "internvl_chat"),
     expected_shapes=expected_shapes,
     component_of=component_of,
+    layer_stacks=layer_stacks,
 )

@@ -12,11 +12,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1v.converters.config import load_config
+    from r1v.converters.checkpoint import load_checked_config
     from r1v.runtime.plan import format_plan, plan_memory
 
     if args.context <= 0:
         raise ValueError(f"--context must be positive, got {args.context}")
-    plan = plan_memory(load_config(args.path), context=args.context)
+    plan = plan_memory(load_checked_config(args.path), context=args.context)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0
