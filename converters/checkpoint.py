@@ -282,10 +282,7 @@ def _token_content(token: Any) -> str | None:
 
 
 def token_id(value: Any, where: Path | str, token: str) -> int:
-    """`value` as a token id: a non-negative integer (a numeric string in JSON object keys), else an error
-    naming the file and the token."""
-    if isinstance(value, str) and value.isdecimal():
-        value = int(value)
+    """`value` as a token id: a non-negative integer, else an error naming the file and the token."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise CheckpointError(f"{where}: token {token!r} has id {value!r}; a token id is a non-negative integer")
     return value
@@ -298,12 +295,19 @@ def added_token_entries(path: Path, tokenizer_json: dict[str, Any], tokenizer_co
     first source that names a token win. Each id is checked, naming the file and the token."""
     entries: list[tuple[str, int, bool]] = []
     where = path / "tokenizer.json"
-    for entry in tokenizer_json.get("added_tokens") or []:
+    config_path = path / "tokenizer_config.json"
+    listed, decoder = tokenizer_json.get("added_tokens") or [], tokenizer_config.get("added_tokens_decoder") or {}
+    if not isinstance(listed, list):
+        raise CheckpointError(f"{where}: added_tokens must be a list, got {type(listed).__name__}")
+    if not isinstance(decoder, dict):
+        raise CheckpointError(f"{config_path}: added_tokens_decoder must be an object of id -> token, "
+                              f"got {type(decoder).__name__}")
+    for entry in listed:
         content = _entry_content(entry, where)
         entries.append((content, token_id(entry.get("id"), where, content), bool(entry.get("special", False))))
-    config_path = path / "tokenizer_config.json"
-    for key, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
+    for key, entry in decoder.items():
         content = _entry_content(entry, config_path)
+        key = int(key) if key.isdecimal() else key  # JSON object keys are strings
         entries.append((content, token_id(key, config_path, content), bool(entry.get("special", False))))
     added_path = path / "added_tokens.json"
     for content, value in read_json(added_path, optional=True).items():

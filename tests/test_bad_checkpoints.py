@@ -318,3 +318,15 @@ def test_work_directories_are_matched_exactly(tmp_path):
         (tmp_path / entry).mkdir()
     assert [p.name for p in _work_dirs(tmp_path / "m")] == [".m.partial-0123456789abcdef"]
     assert os.listdir(tmp_path)  # nothing removed by looking
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("tokenizer_config.json", lambda c: c["added_tokens_decoder"].update({"x7": {"content": "<odd>"}}),
+     "token '<odd>' has id 'x7'"),
+    ("tokenizer_config.json", lambda c: c.update(added_tokens_decoder=[1, 2]), "added_tokens_decoder must be an object"),
+    ("tokenizer.json", lambda t: t["added_tokens"].append({"id": 3}), "added token entry {'id': 3} has no string"),
+], ids=["decoder-key", "decoder-list", "entry-without-content"])
+def test_other_malformed_added_tokens_name_the_file(ck, capsys, file, change, message):
+    _edit_json(ck / file, change)
+    code, err = _cli(capsys, "inspect", str(ck))
+    _one_clear_line(code, err, str(ck / file), message)
