@@ -402,8 +402,12 @@ def test_bench_generate_runs_on_cpu(awq_dir, tmp_path):
         figures = results[side]
         assert figures["decode_tokens_per_second"] > 0 and figures["prefill_tokens_per_second"] > 0
         assert figures["completion_tokens"] == 8 and figures["peak_memory_mb"] > 0
+        # the process's first request and a new prompt length, apart from the steady state
+        assert figures["first_decode_tokens_per_second"] > 0 and figures["first_time_to_first_token"] > 0
+        assert figures["other_length_prompt_tokens"] > figures["prompt_tokens"]
+        assert figures["other_length_decode_tokens_per_second"] > 0 and figures["cuda_graphs"] is False
     assert results["bandwidth"]["awq_weight_bytes_per_token"] < results["bandwidth"]["fp16_weight_bytes_per_token"]
-    assert results["device"] == "cpu"
+    assert results["device"] == "cpu" and results["awq"]["kernel"] == "int4" and results["fp16"]["kernel"] == "dense"
 
 
 # --- GPU ----------------------------------------------------------------------------------------------------------

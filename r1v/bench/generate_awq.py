@@ -4,10 +4,14 @@ decode tokens/s, time to first token (text, and an image prompt with --image), p
 allocation; CPU: peak RSS), and decode as a fraction of the memory-bandwidth bound (bandwidth / bytes of weights one
 decode step reads).
 
-Each side runs in its own child process (clean peak memory) after a short warm-up (Triton compiles on first use);
-the sides alternate `rounds` times and medians are reported. Both decode exactly `max_tokens` tokens: the end token
-is ignored while measuring. On CPU the compute dtype is fp32, so the "fp16" side holds the fp16 values in fp32
-(4 bytes per weight): the figures say which dtype ran.
+Each side runs in its own child process (clean peak memory; on CUDA the backend warms up and captures its decode
+graphs at load, timed as `load_seconds`). In it the same text request runs twice: the first is the process's first
+request (first-time costs land there: reported apart), the second is steady state (the main figures); then a
+prompt one paragraph longer shows the decode rate at a sequence length not seen before. The sides alternate `rounds`
+times and medians are reported. Both decode exactly `max_tokens` tokens: the end token is ignored while measuring.
+On CPU the compute dtype is fp32, so the "fp16" side holds the fp16 values in fp32 (4 bytes per weight); on CUDA
+the AWQ side computes in bf16 with kernel "int4" (what torch's int4 kernel multiplies): the figures say which dtype
+ran.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .generate import IMAGE_QUESTION, PROMPT_PARAGRAPH
-from .measure import TIMING_ROWS, memory_bandwidth_gbps, ratio, run_side, timing_figures
+from .measure import TIMING_ROWS, gpu_copy_bandwidth_gbps, memory_bandwidth_gbps, ratio, run_side, timing_figures
 
 SIDES = ("awq", "fp16")
 
@@ -53,6 +57,14 @@ class AWQSideFigures:
     weight_bytes_per_token: int = 0
     kernel: str = ""
     dtype: str = ""
+    # the figures above are steady state (the request measured a second time in the process); these are the
+    # process's first request, and the same steady state at a prompt length not seen before
+    first_time_to_first_token: float = 0.0
+    first_decode_tokens_per_second: float = 0.0
+    other_length_prompt_tokens: int = 0
+    other_length_decode_tokens_per_second: float = 0.0
+    load_seconds: float = 0.0  # on CUDA including the warm-up and the decode graphs' capture
+    cuda_graphs: bool = False
 
 
 # --- one side, in a child process -------------------------------------------------------------------------------
@@ -64,18 +76,26 @@ def _side(spec: AWQBenchSpec, side: str) -> dict[str, Any]:
     options = LoadOptions(n_ctx=spec.n_ctx, n_batch=spec.n_batch, n_threads=spec.n_threads, device=spec.device,
                           kernel=spec.kernel if side == "awq" else "dense")
     out: dict[str, Any] = {}
+    start = time.perf_counter()
     with load(spec.model, options) as model:
+        out["load_seconds"] = time.perf_counter() - start  # on CUDA with the warm-up and graph capture
         backend = model._backend
         backend._end_ids = frozenset()  # both sides decode exactly max_tokens
         greedy = dict(temperature=0, repetition_penalty=1.0, seed=0)
-        model.generate("Hello", max_tokens=4, **greedy)  # warm-up: Triton compiles, allocator settles
-        model.reset()
         cuda = backend.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(backend.device)
-        result = model.generate(PROMPT_PARAGRAPH * spec.prompt_repeats, max_tokens=spec.max_tokens, **greedy)
-        out["text"] = dict(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                           time_to_first_token=result.time_to_first_token, decode_seconds=result.decode_seconds)
+
+        def request(text: str) -> dict[str, Any]:
+            model.reset()  # no prefix reuse: each request evaluates its whole prompt
+            result = model.generate(text, max_tokens=spec.max_tokens, **greedy)
+            return dict(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                        time_to_first_token=result.time_to_first_token, decode_seconds=result.decode_seconds)
+
+        text = PROMPT_PARAGRAPH * spec.prompt_repeats
+        out["first"] = request(text)  # the process's first request: any first-time cost lands here
+        out["text"] = request(text)  # the same request again: steady state
+        out["other_length"] = request(PROMPT_PARAGRAPH * (spec.prompt_repeats + 1))  # a length not seen before
         if spec.image:
             model.reset()
             image = model.generate(IMAGE_QUESTION, images=[spec.image], max_tokens=1, **greedy)
@@ -86,25 +106,8 @@ def _side(spec: AWQBenchSpec, side: str) -> dict[str, Any]:
         out["weight_bytes_per_token"] = backend.decode_weight_bytes()
         out["info"] = info
         out["gpu"] = torch.cuda.get_device_name(backend.device) if cuda else None
-        out["gpu_bandwidth_gbps"] = _gpu_bandwidth_gbps(backend.device) if cuda else None
+        out["gpu_bandwidth_gbps"] = gpu_copy_bandwidth_gbps(backend.device) if cuda else None
     return out
-
-
-def _gpu_bandwidth_gbps(device: Any, size_mb: int = 1024, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth (read + write bytes per second), best of `repeats`."""
-    import torch
-
-    src = torch.empty(size_mb << 20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() / best / 1e9
 
 
 def _worker_main(argv: list[str]) -> None:
@@ -121,11 +124,19 @@ def _run_side(side: str, spec: AWQBenchSpec, workdir: Path) -> tuple[dict[str, A
 def _figures(runs: list[tuple[dict[str, Any], float]]) -> AWQSideFigures:
     first = runs[0][0]
     cuda = first["gpu"] is not None
+    first_request = timing_figures([({"text": r["first"]}, rss) for r, rss in runs])
+    other = timing_figures([({"text": r["other_length"]}, rss) for r, rss in runs])
     fig = AWQSideFigures(
         **timing_figures(runs),
         peak_memory_mb=round(statistics.median(r["peak_gpu_mb"] if cuda else rss for r, rss in runs), 1),
         weight_bytes_per_token=first["weight_bytes_per_token"], kernel=first["info"]["kernel"],
         dtype=first["info"]["dtype"],
+        first_time_to_first_token=first_request["time_to_first_token"],
+        first_decode_tokens_per_second=first_request["decode_tokens_per_second"],
+        other_length_prompt_tokens=other["prompt_tokens"],
+        other_length_decode_tokens_per_second=other["decode_tokens_per_second"],
+        load_seconds=round(statistics.median(r["load_seconds"] for r, _ in runs), 2),
+        cuda_graphs=bool(first["info"]["decode"]["cuda_graphs"]),
     )
     if "image" in first:
         fig.image_encode_seconds = round(statistics.median(r["image"]["image_seconds"] for r, _ in runs), 4)
@@ -166,6 +177,8 @@ def bench_generate_awq(model: str, *, image: str | None = None, prompt_repeats: 
         "awq": asdict(awq), "fp16": asdict(dense),
         "ratios": {
             "decode_speedup": ratio(awq.decode_tokens_per_second, dense.decode_tokens_per_second),
+            "first_request_decode_speedup": ratio(awq.first_decode_tokens_per_second,
+                                                  dense.first_decode_tokens_per_second),
             "prefill_ratio": ratio(awq.prefill_tokens_per_second, dense.prefill_tokens_per_second),
             "time_to_first_token_ratio": ratio(awq.time_to_first_token, dense.time_to_first_token),
             "peak_memory_ratio": ratio(awq.peak_memory_mb, dense.peak_memory_mb),
@@ -186,21 +199,27 @@ def format_results(results: dict[str, Any]) -> str:
     awq, dense = results["awq"], results["fp16"]
     where = results["gpu"] or "CPU"
     rows = [
-        ("kernel", "kernel", "{}"), ("compute dtype", "dtype", "{}"),
+        ("kernel", "kernel", "{}"), ("compute dtype", "dtype", "{}"), ("CUDA graphs", "cuda_graphs", "{}"),
+        ("load s", "load_seconds", "{:.2f}"),
         *TIMING_ROWS,
+        ("first request: time to first token s", "first_time_to_first_token", "{:.3f}"),
+        ("first request: decode tok/s", "first_decode_tokens_per_second", "{:.2f}"),
+        ("new prompt length: prompt tokens", "other_length_prompt_tokens", "{:.0f}"),
+        ("new prompt length: decode tok/s", "other_length_decode_tokens_per_second", "{:.2f}"),
         ("  of which vision tower s", "image_encode_seconds", "{:.3f}"),
         ("peak memory MB" + (" (GPU)" if results["gpu"] else " (RSS)"), "peak_memory_mb", "{:.0f}"),
         ("weights read per token MB", "weight_bytes_per_token", "{:.1f}"),
     ]
     lines = [f"{results['model']} on {where}, {results['placement']}  ({results['rounds']} alternating rounds, "
-             "medians)", "", f"{'':<34}{'AWQ 4-bit':>14}{'fp16 (dense)':>14}"]
+             "medians; steady state unless marked: the request measured a second time in its process)", "",
+             f"{'':<40}{'AWQ 4-bit':>14}{'fp16 (dense)':>14}"]
     for title, key, fmt in rows:
         a, b = awq[key], dense[key]
         if key == "weight_bytes_per_token":
             a, b = a / 1e6, b / 1e6
-        lines.append(f"{title:<34}{fmt.format(a):>14}{fmt.format(b):>14}")
+        lines.append(f"{title:<40}{fmt.format(a):>14}{fmt.format(b):>14}")
     lines.append("")
-    lines += [f"{key:<34}{value:>14.3f}" for key, value in results["ratios"].items()]
+    lines += [f"{key:<40}{value:>14.3f}" for key, value in results["ratios"].items()]
     bw = results["bandwidth"]
     lines.append("")
     lines.append(f"memory bandwidth {bw['memory_bandwidth_gbps']:.1f} GB/s ({bw['measured']}): decode bound "

@@ -1,5 +1,5 @@
 """Measurement helpers shared by the benchmarks: a command's own peak RSS, a benchmark side run in its own child
-process, the timing figures of its runs, this machine's memory bandwidth."""
+process, the timing figures of its runs, this machine's memory bandwidth and a GPU's copy bandwidth."""
 from __future__ import annotations
 
 import json
@@ -102,3 +102,20 @@ def memory_bandwidth_gbps(size_mb: int = 512, repeats: int = 5, threads: int | N
             list(pool.map(np.sum, slices))
             best = min(best, time.perf_counter() - start)
     return data.nbytes / best / 1e9
+
+
+def gpu_copy_bandwidth_gbps(device: Any, size_mb: int = 1024, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second), best of `repeats`."""
+    import torch
+
+    src = torch.empty(size_mb << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() / best / 1e9
