@@ -9,6 +9,8 @@ leaves OUTDIR as it was, earlier runs' files included.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,13 +79,7 @@ def convert_gguf(
     out = Path(outdir)
     name = name or ckpt.name
     result = GGUFConversion()
-    staged: dict[Path, Path] = {}  # final path -> this run's complete file under a hidden name
-    temporary: str | None = None  # the 16-bit intermediate's type when no requested output can serve
-
-    def stage(final: Path) -> Path:
-        staged[final] = final.with_name(f".{final.name}.new")
-        return staged[final]
-
+    staging: Path | None = None  # this run's files, under their final names, until all of them are complete
     try:
         if mmproj_quant is not None:
             check_mmproj_supported(ckpt.config, str(ckpt.path / "config.json"))  # refuse before any work
@@ -91,10 +87,7 @@ def convert_gguf(
         via_llama = [q for q in quants if q not in DIRECT_TYPES]
         if imatrix is not None and via_llama:
             read_imatrix(Path(imatrix))  # a bad imatrix is refused now, not after the 16-bit file is written
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConversionError(f"{out}: cannot create output directory ({e.strerror})") from None
+        staging = _staging_dir(out, name)
 
         def timed(key: str, start: float) -> None:
             result.seconds[key] = round(time.perf_counter() - start, 3)
@@ -102,42 +95,56 @@ def convert_gguf(
         # llama.cpp's quantizer reads one 16-bit intermediate: a requested F16/BF16 output if there is one,
         # else a temporary file, BF16 when the source is BF16 (exact) and F16 otherwise.
         intermediate = next((q for q in ("bf16", "f16") if q in direct), None)
+        temporary = None
         if via_llama and intermediate is None:
             source_bf16 = any(t.dtype == "BF16" for t in ckpt.iter_tensors("language_model."))
             intermediate = temporary = "bf16" if source_bf16 else "f16"
             direct.append(temporary)
 
-        written: dict[str, Path] = {}  # quant -> file this run wrote (staged, or the temporary intermediate)
         for q in direct:
             start = time.perf_counter()
-            target = (out / f".{name}-{q}.intermediate.gguf" if q == temporary
-                      else stage(out / llm_file_name(name, q)))
-            written[q] = write_llm_gguf(ckpt, target, q, pre_tokenizer=pre_tokenizer,
-                                        chat_template=chat_template, progress=progress)
+            file = f"{name}-{q}.intermediate.gguf" if q == temporary else llm_file_name(name, q)
+            result.llm[q] = write_llm_gguf(ckpt, staging / file, q, pre_tokenizer=pre_tokenizer,
+                                           chat_template=chat_template, progress=progress)
             timed(f"llm.{q}", start)
         for q in via_llama:
             start = time.perf_counter()
-            written[q] = quantize_gguf(written[intermediate], stage(out / llm_file_name(name, q)), q,
-                                       imatrix=Path(imatrix) if imatrix else None, threads=threads)
+            result.llm[q] = quantize_gguf(result.llm[intermediate], staging / llm_file_name(name, q), q,
+                                          imatrix=Path(imatrix) if imatrix else None, threads=threads,
+                                          progress=progress)
             timed(f"llm.{q}", start)
-
+        if temporary:
+            result.llm.pop(temporary).unlink()
         if mmproj_quant is not None:
             start = time.perf_counter()
             q = mmproj_quant.lower()
-            write_mmproj_gguf(ckpt, stage(out / mmproj_file_name(name, q)), q, progress=progress)
+            result.mmproj = write_mmproj_gguf(ckpt, staging / mmproj_file_name(name, q), q, progress=progress)
             timed(f"mmproj.{q}", start)
+
         # Every file is complete: only now do they replace the files of an earlier run, so a run that fails
         # or is interrupted before this point leaves OUTDIR as it found it.
-        for final, new in staged.items():
-            os.replace(new, final)
-        result.llm = {q: out / llm_file_name(name, q) for q in quants}
-        if mmproj_quant is not None:
-            result.mmproj = out / mmproj_file_name(name, mmproj_quant.lower())
+        for q, file in result.llm.items():
+            result.llm[q] = out / file.name
+            os.replace(file, result.llm[q])
+        if result.mmproj is not None:
+            os.replace(result.mmproj, out / result.mmproj.name)
+            result.mmproj = out / result.mmproj.name
     finally:
-        for new in staged.values():  # nothing half-done stays behind, and nothing this run did not write goes
-            new.unlink(missing_ok=True)
-        if temporary:
-            (out / f".{name}-{temporary}.intermediate.gguf").unlink(missing_ok=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if ckpt is not checkpoint:
             ckpt.close()
     return result
+
+
+def _staging_dir(out: Path, name: str) -> Path:
+    """A new hidden directory in OUTDIR (created if missing) for this run's files: the same file system, so
+    each moves into place with one rename."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"{out}: cannot create output directory ({e.strerror})") from None
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out))
+    except OSError as e:
+        raise ConversionError(f"{out}: output directory is not writable ({e.strerror})") from None
