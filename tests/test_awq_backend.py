@@ -21,6 +21,8 @@ import pytest
 from PIL import Image
 
 torch = pytest.importorskip("torch")  # (tests/conftest.py sets TRITON_INTERPRET=1 where there is no GPU)
+# The tiny AWQ checkpoints are made as `r1v convert awq` makes them, which records a llama.cpp imatrix (gguf names).
+pytest.importorskip("gguf", reason="r1v convert awq needs gguf (a GPU image without it: pip install gguf)")
 
 from r1v.converters.checkpoint import read_tokenizer_files  # noqa: E402
 from r1v.converters.config import load_config, parse_config  # noqa: E402

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from autoawq_oracle import autoawq_packing_utils  # noqa: E402
 
-from r1v.quant.pack import pack_awq  # noqa: E402
+from r1v.quant.pack import dequantize_awq, pack_awq  # noqa: E402
 from r1v.quant.rtn import quantize_rtn  # noqa: E402
 from r1v.runtime.backends.awq import int4, kernels  # noqa: E402
 from r1v.runtime.backends.awq.qlinear import AWQLinear, Int4Linear, awq_linear_for  # noqa: E402
@@ -47,11 +47,15 @@ def _x(m: int, k: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
 
 
-def _check_against_autoawq(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, qweight, qzeros, scales, g: int):
-    """The stated tolerance (module doc) against AutoAWQ's dequantize_gemm; returns (worst fraction of the
-    tolerance used, kernel error / 4-bit rounding error)."""
-    awq = autoawq_packing_utils()
-    weight = awq.dequantize_gemm(qweight, qzeros, scales, 4, g).t().double()  # [N, K], on the layer's device
+def _check_against_autoawq(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, qweight, qzeros, scales, g: int,
+                           oracle: bool = True):
+    """The stated tolerance (module doc) against AutoAWQ's dequantize_gemm (`oracle`; else the project's
+    dequantize_awq, bit-identical to it per tests/test_quant_pack.py, for GPU images without AutoAWQ); returns
+    (worst fraction of the tolerance used, kernel error / 4-bit rounding error)."""
+    if oracle:
+        weight = autoawq_packing_utils().dequantize_gemm(qweight, qzeros, scales, 4, g).t().double()  # [N, K]
+    else:
+        weight = dequantize_awq(qweight, qzeros, scales, g).double()
     xd = x.double()
     ref = xd @ weight.t()
     s = scales.double().repeat_interleave(g, dim=0).t()  # [N, K]
@@ -169,7 +173,9 @@ def test_cuda_int4_products_at_38b_shapes(k, n, m):
     x = _x(m, k).cuda().to(torch.bfloat16)
     y = Int4Linear.from_awq(qweight, qzeros, scales)(x)
     assert y.dtype == torch.bfloat16
-    _check_against_autoawq(y, x, w, qweight, qzeros, scales, 128)
+    used, versus_rounding = _check_against_autoawq(y, x, w, qweight, qzeros, scales, 128, oracle=False)
+    print(f"\n[int4] CUDA {k}->{n} M={m}: {used:.3f} of the tolerance, {versus_rounding:.3f} of 4-bit rounding's")
+    assert versus_rounding < 0.15
 
 
 # --- whole models ---------------------------------------------------------------------------------------------
@@ -240,3 +246,33 @@ def test_micro_r1v_kl_through_int4_is_far_below_the_quantizations(tmp_path):
     print(f"\n[int4] micro-r1v, {len(items)} items: KL(dense || int4) {report.mean_kl:.2e}, "
           f"top-1 agreement {report.top1_agreement:.4f}")
     assert report.mean_kl < 1e-5 and report.top1_agreement > 0.99
+
+
+@needs_cuda
+def test_cuda_graph_decode_equals_eager_decode(awq_dir, monkeypatch):
+    """On a GPU, kernel "auto" is int4 in bf16 and decode replays captured graphs; the greedy tokens equal those of
+    eager steps (R1V_CUDA_GRAPHS=0), across an attention-span boundary (a ~250-token prompt, spans 256 / 512); and
+    one graphed step's logits equal the dynamic path's for the same token."""
+    from r1v.runtime.api import load
+
+    prompt = "word " * 240 + QUESTION
+    options = dict(n_ctx=512, n_batch=48)
+    with load(awq_dir, **options) as m:
+        backend = m._backend
+        assert backend.kernel == "int4" and backend.dtype == torch.bfloat16 and backend.device.type == "cuda"
+        info = backend.describe()
+        assert info["decode"]["cuda_graphs"] is True and info["decode"]["spans"] == [256, 512], info["decode"]
+        graphed = m.generate(prompt, max_tokens=24, **GREEDY).tokens
+        first = backend.prepare([m.render(QUESTION).text], [])
+        backend.reset()
+        token = int(backend._evaluate(first, {}, 0).argmax())
+        step = backend._step(token)
+        backend._truncate(len(first.items))
+        dynamic = backend._forward(backend._embed_tokens((token,)), (token,), True)
+        assert torch.nn.functional.cosine_similarity(step, dynamic, dim=0).item() > 0.999
+        assert int(step.argmax()) == int(dynamic.argmax())
+    monkeypatch.setenv("R1V_CUDA_GRAPHS", "0")
+    with load(awq_dir, **options) as m:
+        assert m._backend.describe()["decode"]["cuda_graphs"] is False
+        eager = m.generate(prompt, max_tokens=24, **GREEDY).tokens
+    assert graphed == eager

@@ -195,6 +195,36 @@ def bench_generate_awq(model: str, *, image: str | None = None, prompt_repeats: 
     }
 
 
+# Generated models for the benchmark (`make_bench_model`): "7b" is Qwen2-7B's width (3584 / 18944, 28 / 4 heads,
+# 32k vocabulary) over 6 layers with a 1024-wide 4-layer ViT, the issue's GPU model; "cpu" a 2048 / 5632, 4-layer
+# model that is memory-bound on a CPU (its linears are most of what a decode step reads).
+BENCH_MODELS: dict[str, dict[str, int]] = {
+    "7b": dict(llm_hidden=3584, llm_intermediate=18944, llm_heads=28, llm_kv_heads=4, llm_layers=6,
+               padded_vocab=32000, vit_hidden=1024, vit_intermediate=4096, vit_heads=16, vit_layers=4),
+    "cpu": dict(llm_hidden=2048, llm_intermediate=5632, llm_heads=16, llm_kv_heads=4, llm_layers=4,
+                vit_hidden=256, vit_intermediate=1024, vit_heads=4, vit_layers=4),
+}
+
+
+def make_bench_model(outdir: str | Path, preset: str = "7b", *, device: str = "cpu", method: str = "rtn",
+                     n_samples: int = 16, seq_len: int = 256) -> Path:
+    """A random R1V-layout checkpoint of `preset`'s sizes (BENCH_MODELS), converted as `r1v convert awq --method
+    METHOD --device DEVICE` converts; the AWQ directory `outdir` (the fp16 source beside it, `outdir`-src)."""
+    from r1v.quant.driver import quantize_checkpoint_awq
+    from r1v.testing import make_tiny_checkpoint
+
+    if preset not in BENCH_MODELS:
+        raise ValueError(f"preset {preset!r}: expected one of {', '.join(BENCH_MODELS)}")
+    out = Path(outdir)
+    source = out.with_name(out.name + "-src")
+    if not (source / "config.json").is_file():
+        make_tiny_checkpoint(source, vit="6b", seed=0, dtype="f16", max_shard_bytes=1 << 30, **BENCH_MODELS[preset])
+    if not (out / "config.json").is_file():
+        quantize_checkpoint_awq(source, out, method=method, device=device, n_samples=n_samples, seq_len=seq_len,
+                                progress=False)
+    return out
+
+
 def format_results(results: dict[str, Any]) -> str:
     awq, dense = results["awq"], results["fp16"]
     where = results["gpu"] or "CPU"

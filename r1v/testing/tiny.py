@@ -27,6 +27,7 @@ class TinySizes:
     llm_heads: int = 4
     llm_kv_heads: int = 2
     vocab_size: int = 512  # BPE merges trained up to this; config vocab is padded above the added tokens
+    padded_vocab: int = 0  # config vocab (embedding rows) at least this: a real model's table size for benchmarks
     vit_hidden: int = 32
     vit_intermediate: int = 96
     vit_layers: int = 2
@@ -177,7 +178,7 @@ def make_tiny_checkpoint(
         tokenizer = build_tokenizer(spec.vocab_size)
         special = {t: tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
         n_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
-        vocab_size = -(-n_tokens // 64) * 64  # padded like Qwen's embedding table
+        vocab_size = max(-(-n_tokens // 64) * 64, spec.padded_vocab)  # padded like Qwen's embedding table
         config = tiny_config(spec, vit, vocab_size, special)
         cfg = parse_config(config, str(tmp / "config.json"))
         rng = np.random.default_rng(seed)  # tensors drawn in name order: the content depends only on the seed
