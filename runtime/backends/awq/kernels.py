@@ -1,4 +1,5 @@
-"""AWQ 4-bit matmuls straight from AutoAWQ's GEMM layout: Triton kernels for CUDA, a pure-torch path for the rest.
+"""AWQ 4-bit matmuls straight from AutoAWQ's GEMM layout: Triton kernels for CUDA (kernel "triton"; the default is
+torch's own int4 kernels, `int4`, where the build has them), a pure-torch path for the rest (kernel "torch").
 
 Layout (see `r1v.quant.pack`): qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales fp16 [K/G, N]; nibble i
 of a word holds column 8c + AWQ_ORDER[i], so column j of a block of 8 sits at bits 4 * (j // 2 + 4 * (j % 2)).
