@@ -37,10 +37,11 @@ SHAPES = [(64, 160, 32), (160, 64, 32), (32, 96, 32), (256, 512, 128), (512, 256
 
 
 def _layer(k: int, n: int, g: int, seed: int = 0, device: str = "cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.float16)
+    """A random fp16 weight [N, K] and its RTN AutoAWQ tensors, made on `device` (38B shapes: on the GPU)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen, device=device) / k**0.5).to(torch.float16)
     p = pack_awq(*quantize_rtn(w, g))
-    return w, p.qweight.to(device), p.qzeros.to(device), p.scales.to(device)
+    return w, p.qweight, p.qzeros, p.scales
 
 
 def _x(m: int, k: int, seed: int = 1) -> torch.Tensor:
@@ -171,6 +172,7 @@ def test_cuda_int4_products_at_38b_shapes(k, n, m):
     """tinygemm up to CUDA_MAX_M rows, dequantize + cuBLAS above: both within the stated tolerance."""
     w, qweight, qzeros, scales = _layer(k, n, 128, device="cuda")
     x = _x(m, k).cuda().to(torch.bfloat16)
+    assert qweight.device.type == "cuda"
     y = Int4Linear.from_awq(qweight, qzeros, scales)(x)
     assert y.dtype == torch.bfloat16
     used, versus_rounding = _check_against_autoawq(y, x, w, qweight, qzeros, scales, 128, oracle=False)
