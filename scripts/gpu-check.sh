@@ -68,14 +68,14 @@ stage install 50 install
 
 # The CUDA tests, the tests that assumed a CPU before (bench on CPU, kernel="triton" on the GPU), the Triton
 # dequantize pass compiled, and the static decode step against the dynamic one.
-stage tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" \
+stage tests 110 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" \
     tests/test_awq_int4.py tests/test_awq_kernels.py tests/test_awq_backend.py tests/test_reference_model.py \
     -k "cuda or triton_kernel_option or bench_generate_runs_on_cpu or dequantize_pass or static_decode"
 
 stage kernels 60 "$PY" -m r1v.bench.kernels --shapes "${R1V_GPU_CHECK_SHAPES:-38b}" --device "$DEVICE" \
     --json "$OUT_DIR/kernels.json"
 
-stage model 100 "$PY" -c "
+stage model 150 "$PY" -c "
 from r1v.bench.generate_awq import make_bench_model
 from r1v.testing.images import pattern_pixels
 from PIL import Image
