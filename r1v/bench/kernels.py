@@ -144,7 +144,11 @@ def bench_kernels(shapes: str = "38b", rows: tuple[int, ...] = ROWS, device: str
     results: list[KernelRow] = []
     with torch.inference_mode():
         for name, k, n in SHAPES[shapes]:
-            results += bench_shape(name, k, n, rows, dev, bandwidth)
+            try:
+                results += bench_shape(name, k, n, rows, dev, bandwidth)
+            except Exception as exc:  # e.g. no int4 kernel on this GPU: recorded, the next shape runs
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                results += [KernelRow(name, k, n, m, errors={"shape": why}) for m in rows]
     from r1v.runtime.backends.awq import int4
 
     return {
