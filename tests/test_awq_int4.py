@@ -278,3 +278,30 @@ def test_cuda_graph_decode_equals_eager_decode(awq_dir, monkeypatch):
         assert m._backend.describe()["decode"]["cuda_graphs"] is False
         eager = m.generate(prompt, max_tokens=24, **GREEDY).tokens
     assert graphed == eager
+
+
+# --- the benchmark and the GPU check's summary -------------------------------------------------------------------
+def test_kernel_table_rows_and_gpu_check_summary(tmp_path):
+    """`python -m r1v.bench.kernels`' rows on CPU (the CUDA-only columns left empty), and the summary
+    `scripts/gpu-check.sh` ends with: each stage's outcome, the tables, and what is missing named."""
+    import json
+
+    from r1v.bench import gpu_check
+    from r1v.bench.kernels import KernelRow, bench_shape, format_results
+
+    rows = bench_shape("test", 256, 512, (1, 20), torch.device("cpu"), bandwidth=10.0)
+    assert [r.m for r in rows] == [1, 20]
+    for row in rows:
+        assert row.dense_us > 0 and row.ours_us > 0 and row.errors == {}
+        assert row.int4_tinygemm_us is None and row.triton_us is None  # CUDA only
+        assert row.bound_us == round(256 * 512 / 2 / 10e9 * 1e6, 1) and row.ours_rel_error < 1e-2
+    results = {"device": "CPU", "torch": torch.__version__, "group_size": 128, "bandwidth_gbps": 10.0,
+               "cuda_max_m": 16, "crossover": {"test": None}, "rows": [vars(r) for r in rows]}
+    assert "test 256->512" in format_results(results)
+    (tmp_path / "kernels.json").write_text(json.dumps(results))
+    (tmp_path / "stages.tsv").write_text("install\t0\t3.5\ntests\t124\t110.0\n")
+    assert gpu_check.main([str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["stage"], s["ok"]) for s in summary["stages"]] == [("install", True), ("tests", False)]
+    assert summary["missing"] == ["bench.json was not written"] and summary["kernels"]["rows"][0]["m"] == 1
+    assert KernelRow(**summary["kernels"]["rows"][1]).m == 20

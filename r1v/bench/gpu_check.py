@@ -24,6 +24,12 @@ def read_stages(path: Path) -> list[dict[str, Any]]:
     return stages
 
 
+def _outcome(rc: int) -> str:
+    if rc == 0:
+        return "ok"
+    return "TIMED OUT (its limit)" if rc in (124, 137) else f"FAILED (exit {rc})"
+
+
 def _load(path: Path) -> tuple[Any, str | None]:
     if not path.is_file():
         return None, f"{path.name} was not written"
@@ -41,8 +47,7 @@ def summarize(out_dir: Path) -> tuple[dict[str, Any], str]:
     kernels, kernels_error = _load(out_dir / "kernels.json")
     bench, bench_error = _load(out_dir / "bench.json")
     lines = ["gpu-check stages:"]
-    lines += [f"  {s['stage']:<12} {'ok' if s['ok'] else 'FAILED (exit ' + str(s['rc']) + ')':<18} "
-              f"{s['seconds']:7.1f} s" for s in stages]
+    lines += [f"  {s['stage']:<12} {_outcome(s['rc']):<22} {s['seconds']:7.1f} s" for s in stages]
     for title, data, error, fmt in (("kernels", kernels, kernels_error, format_kernels),
                                     ("bench generate", bench, bench_error, format_bench)):
         lines.append("")
