@@ -305,3 +305,26 @@ def test_kernel_table_rows_and_gpu_check_summary(tmp_path):
     assert [(s["stage"], s["ok"]) for s in summary["stages"]] == [("install", True), ("tests", False)]
     assert summary["missing"] == ["bench.json was not written"] and summary["kernels"]["rows"][0]["m"] == 1
     assert KernelRow(**summary["kernels"]["rows"][1]).m == 20
+
+
+def test_a_model_with_shapes_int4_cannot_take_loads_with_the_fallback_named(tmp_path):
+    """A checkpoint whose group size (40) torch's int4 kernel does not take: every LLM linear falls back to the
+    torch path, with a warning naming the count, the kernel and the first one, and `describe()` listing them."""
+    pytest.importorskip("gguf", reason="r1v convert awq (its imatrix names) needs gguf")
+    from r1v.quant.driver import quantize_checkpoint_awq
+    from r1v.runtime.api import load
+    from r1v.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", vit="6b", seed=4, image_size=224, llm_hidden=80,
+                                llm_intermediate=160, llm_heads=4, llm_kv_heads=2, llm_layers=1)
+    quantize_checkpoint_awq(ckpt, tmp_path / "awq", group_size=40, n_samples=2, seq_len=160, method="rtn",
+                            progress=False)
+    with pytest.warns(UserWarning, match=r"awq: 7 linear\(s\) run the torch kernel, torch's int4 kernel cannot take "
+                                         r"them \(first: language_model\.model\.layers\.0\.self_attn\.q_proj: group "
+                                         r"size 40"):
+        model = load(tmp_path / "awq", n_ctx=256, device="cpu")
+    with model:
+        backend = model._backend
+        assert backend.kernel == "int4" and len(backend.describe()["int4_fallbacks"]) == 7
+        assert isinstance(backend.model.language_model.model.layers[0].mlp.up_proj, AWQLinear)
+        assert model.generate(QUESTION, max_tokens=4, **GREEDY).completion_tokens == 4

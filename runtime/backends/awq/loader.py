@@ -16,6 +16,7 @@ checkpoint as stored.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,10 @@ def load_awq(path: str | Path, *, device: torch.device | str = "cpu", dtype: tor
             model = R1VModel(ckpt.config, special[IMG_CONTEXT], ckpt.eos_token_ids)
         loader = _Loader(ckpt, model, device, dtype, kernel, group_size, vision, embed_device)
         loader.run()
+    if loader.fallbacks:
+        name, why = next(iter(loader.fallbacks.items()))
+        warnings.warn(f"{Path(path).name}: {len(loader.fallbacks)} linear(s) run the {loader.fallback} kernel, "
+                      f"torch's int4 kernel cannot take them (first: {name}: {why})", stacklevel=2)
     return LoadedAWQ(model.eval(), applied, requested, entry, group_size, kernel, device, dtype, embed_device,
                      loader.fallbacks, loader.fallback if kernel == "int4" else None)
 
