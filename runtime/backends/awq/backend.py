@@ -329,7 +329,8 @@ class AWQBackend:
         """Pay the first-time costs at load, not in the first request: a prompt chunk (Triton compilation, cuBLAS
         handles; more rows than the int4 decode kernel takes), one vision tile, then the decode graphs."""
         llm, cfg = self.model.language_model, self.config
-        hidden = llm.model(torch.zeros(1, 32, cfg.llm.hidden_size, dtype=self.dtype, device=self.device), self.cache)
+        rows = min(32, self.n_ctx)
+        hidden = llm.model(torch.zeros(1, rows, cfg.llm.hidden_size, dtype=self.dtype, device=self.device), self.cache)
         llm.lm_head(hidden[0, -1])
         self._truncate(0)
         pixels = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=self.dtype, device=self.device)
