@@ -3,7 +3,8 @@
 #   bash scripts/gpu-check.sh
 # 1. install this checkout into the current Python (pip install --no-deps --no-build-isolation -e .; the
 #    environment brings torch, triton, transformers, safetensors, tokenizers, pillow; gguf, which `r1v convert
-#    awq` needs, comes from wheels in $R1V_WHEELS (default .whl) when it is not installed, else from pip),
+#    awq` needs, comes from wheels in $R1V_WHEELS (default .whl, git-ignored: `pip download --no-deps gguf -d .whl`
+#    on a machine with PyPI, then carry it) when it is not installed, else from pip),
 # 2. the CUDA tests (those that need llama.cpp are not run; those that need gguf skip without it),
 # 3. the kernel table at R1V-38B's linear shapes (python -m r1v.bench.kernels),
 # 4. a generated Qwen2-7B-width AWQ model (3584 / 18944, 28 / 4 heads, 6 layers, 32k vocabulary, 1024-wide
