@@ -12,9 +12,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..schema import from_dict
+from .schema import from_dict
 from .errors import CheckpointError
 from .families import Family, family_for
+
+# The ViT's pixel normalization: torchvision / InternVL constants (``IMAGENET_MEAN``/``IMAGENET_STD`` in
+# InternVL's chat scripts), used when preprocessor_config.json gives none. The converter writes them into the
+# mmproj and runtime/image.py normalizes tiles with them.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from r1v.runtime.image import IMAGENET_MEAN, IMAGENET_STD
-
 from .checkpoint import Checkpoint, read_json
-from .config import R1VConfig
+from .config import IMAGENET_MEAN, IMAGENET_STD, R1VConfig
 from .errors import CheckpointError
 from .gguf_common import (
     DIRECT_TYPES, FILE_TYPES, ConversionError, PlannedTensor, QType, add_provenance, storage_type, write_gguf,

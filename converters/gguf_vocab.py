@@ -22,7 +22,7 @@ from typing import Any
 
 import gguf
 
-from ..resources import chat_template as family_chat_template
+from .resources import chat_template as family_chat_template
 
 from .checkpoint import Checkpoint, added_token_entries, read_json, token_id
 from .gguf_common import ConversionError
@@ -84,7 +84,7 @@ def build_vocab(
     """Read the checkpoint's tokenizer into a GGUFVocab padded to llm_config.vocab_size.
 
     `pre_tokenizer`: llama.cpp's name ("qwen2" or "deepseek-r1-qwen"); None picks by the tokenizer's tokens.
-    `chat_template`: used only when the checkpoint carries none; a name in r1v/chat_templates or Jinja text.
+    `chat_template`: used only when the checkpoint carries none; a name in converters/chat_templates or Jinja text.
     """
     where = ckpt.tokenizer.tokenizer_json or ckpt.path / "vocab.json"
     vocab, added, merges = _read_tokenizer(ckpt)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..resources import chat_template
+from .resources import TEMPLATES_DIR, chat_template
 from .checkpoint import Checkpoint, open_checkpoint
 
 COMPONENT_TITLES = {
@@ -68,7 +68,7 @@ def summarize(ckpt: Checkpoint, fallback_template: str | None = None) -> Checkpo
         fallback_template = fallback_template or (
             "deepseek-r1-think" if "<｜User｜>" in ckpt.special_tokens() else "chatml-think"
         )
-        template, source = chat_template(fallback_template), f"r1v/chat_templates/{fallback_template}.jinja"
+        template, source = chat_template(fallback_template), f"{TEMPLATES_DIR}/{fallback_template}.jinja"
     cfg = ckpt.config
     return CheckpointSummary(
         path=str(ckpt.path),

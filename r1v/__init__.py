@@ -36,3 +36,10 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+# The bundled demo model is known by name to the resolver only through this registration (the runtime never
+# imports r1v.micro).
+from .micro import register as _register_demo_model  # noqa: E402
+
+_register_demo_model()

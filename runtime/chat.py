@@ -178,7 +178,7 @@ def message_images(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
 def resolve_template(override: str | None = None, embedded: str | None = None, family: str | None = None) -> str:
     """The chat template to use: `override` (a bundled template name, a .jinja file, or Jinja text), else the
     model file's own (`embedded`), else the registry family's bundled template, else ``chatml-think``."""
-    from r1v.resources import chat_template
+    from r1v.converters.resources import chat_template
 
     if override:
         if "{{" in override or "{%" in override:

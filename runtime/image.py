@@ -35,6 +35,8 @@ from typing import BinaryIO, Iterator, Union
 import numpy as np
 from PIL import Image
 
+from r1v.converters.config import IMAGENET_MEAN, IMAGENET_STD  # the model's pixel normalization (converters own it)
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -49,10 +51,6 @@ __all__ = [
     "prepare_image",
     "tile_image",
 ]
-
-# torchvision / InternVL constants (``IMAGENET_MEAN``/``IMAGENET_STD`` in InternVL's chat scripts).
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, BinaryIO]
 

@@ -23,27 +23,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:
-    from r1v.registry import ModelEntry, Registry
+    from .registry import ModelEntry, Registry
 
 Format = Literal["gguf", "awq", "safetensors"]
 
 # Models built locally rather than downloaded: name (lower case) -> function(quant) returning a path
-# (a .gguf file or a directory), built on first call. Consulted before the hub.
+# (a .gguf file or a directory), built on first call. Consulted before the hub. The demo model registers
+# itself from r1v.micro (on `import r1v`); the runtime knows no model by name.
 LOCAL_MODELS: dict[str, Callable[[str | None], Path]] = {}
 
 
 def register_local_model(name: str, build: Callable[[str | None], Path]) -> None:
     """Make `name` resolve to `build(quant)` (a local .gguf file or model directory)."""
     LOCAL_MODELS[name.lower()] = build
-
-
-def _micro_r1v(quant: str | None) -> Path:
-    from r1v.micro.files import micro_model  # builds the bundled demo model's files on first use
-
-    return micro_model(quant)
-
-
-register_local_model("micro-r1v", _micro_r1v)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -95,7 +87,7 @@ def resolve_model(
 
     key = text.lower()
     if registry is None:
-        from r1v.registry import load_registry
+        from .registry import load_registry
 
         registry = load_registry()
     if key in LOCAL_MODELS:

@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from r1v.resources import chat_template
+from r1v.converters.resources import chat_template
 from r1v.runtime.chat import normalize_messages, render_prompt, resolve_template, starts_in_reasoning
 
 CHATML = chat_template("chatml-think")

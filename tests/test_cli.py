@@ -35,7 +35,7 @@ def test_inspect_falls_back_to_the_family_template(tiny_6b, tmp_path):
     del config["chat_template"]
     (copy / "tokenizer_config.json").write_text(json.dumps(config))
     data = json.loads(r1v("inspect", str(copy), "--json").stdout)
-    assert data["chat_template_source"] == "r1v/chat_templates/chatml-think.jinja"
+    assert data["chat_template_source"] == "converters/chat_templates/chatml-think.jinja"
     assert "<think>" in data["chat_template"]
 
 

@@ -24,7 +24,7 @@ from r1v.converters.gguf_llm import QWEN2_TENSORS, gguf_tensor_name, write_llm_g
 from r1v.converters.gguf_quantize import quantize_gguf
 from r1v.converters.gguf_vocab import accept_list_content, build_vocab, render_chat_template
 from r1v.runtime.llama_params import open_llama
-from r1v.resources import chat_template
+from r1v.converters.resources import chat_template
 from r1v.runtime.torch_ref import R1VModel
 from r1v.testing import make_tiny_checkpoint
 

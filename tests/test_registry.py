@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from r1v.registry import GenerationDefaults, RegistryError, load_registry, parse_registry
-from r1v.resources import chat_template, models_yaml_text
+from r1v.converters.resources import chat_template
+from r1v.runtime.options import SamplingParams
+from r1v.runtime.registry import RegistryError, load_registry, models_yaml_text, parse_registry
 
 
 def test_bundled_registry_has_the_skywork_releases():
@@ -14,7 +15,7 @@ def test_bundled_registry_has_the_skywork_releases():
                  "skywork-r1v2-38b-awq", "skywork-r1v3-38b-awq", "skywork-r1v3-38b-gguf"):
         entry = registry.get(name)
         assert entry.repo_id.startswith("Skywork/")
-        assert entry.generation == GenerationDefaults(0.6, 0.95, 0, 0.0, 1.05, 64000)
+        assert entry.generation == SamplingParams(0.6, 0.95, 0, 0.0, 1.05, max_tokens=64000)
         assert chat_template(entry.chat_template)
     assert registry.get("Skywork-R1V-38B").chat_template == "deepseek-r1-think"
     assert registry.get("skywork-r1v-38b").pre_tokenizer == "deepseek-r1-qwen"
@@ -43,6 +44,8 @@ def _mutated(edit) -> str:
         (lambda e: e.update(generation={"temperature": "hot"}),
          r"model 'skywork-r1v3-38b': generation: field 'temperature' should be float"),
         (lambda e: e.update(generation={"top_q": 1}), r"generation: unknown field 'top_q'"),
+        (lambda e: e.update(generation={"temperature": -1.0}),  # SamplingParams' own checks, at load
+         r"model 'skywork-r1v3-38b': generation: temperature must be >= 0"),
         (lambda e: e.update(format="onnx"), r"field 'format' is 'onnx'"),
         (lambda e: e.update(chat_template="vicuna"), r"field 'chat_template': no chat template named 'vicuna'"),
         (lambda e: e.update(base="skywork-r9"), r"base 'skywork-r9' is not in the registry"),

@@ -15,7 +15,7 @@ from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 import r1v.runtime.resolve as resolve
-from r1v.registry import RegistryError, load_registry, parse_registry
+from r1v.runtime.registry import RegistryError, load_registry, parse_registry
 from r1v.runtime.resolve import (
     LOCAL_MODELS,
     AmbiguousModelError,

@@ -5,10 +5,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
-if TYPE_CHECKING:
-    from ..config import R1VConfig
+
+class FamilyConfig(Protocol):
+    """What a family reads of a parsed config: converters/config.py's `R1VConfig`, which holds its family, so
+    the family sees it through this protocol and config.py alone imports the other."""
+
+    llm: Any  # Qwen2Config
+    vision: Any  # VisionConfig
+
+    @property
+    def projector_input_size(self) -> int: ...
+
 
 # Which component a tensor belongs to, by name prefix (checked in order).
 COMPONENT_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -20,7 +29,7 @@ COMPONENT_PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _vision_layer(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
+def _vision_layer(cfg: FamilyConfig) -> dict[str, tuple[int, ...]]:
     v = cfg.vision
     h, i = v.hidden_size, v.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {
@@ -40,7 +49,7 @@ def _vision_layer(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _llm_layer(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
+def _llm_layer(cfg: FamilyConfig) -> dict[str, tuple[int, ...]]:
     t = cfg.llm
     h, i, d = t.hidden_size, t.intermediate_size, t.head_dim
     q, kv = t.num_attention_heads * d, t.num_key_value_heads * d
@@ -54,7 +63,7 @@ def _llm_layer(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def expected_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: FamilyConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a complete checkpoint of this config holds, with its shape."""
     v, t = cfg.vision, cfg.llm
     h, p = v.hidden_size, v.patch_size
@@ -80,7 +89,7 @@ def expected_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def layer_stacks(cfg: R1VConfig) -> tuple[LayerStack, ...]:
+def layer_stacks(cfg: FamilyConfig) -> tuple[LayerStack, ...]:
     """The stacks of numbered layers and the depth config.json gives each."""
     return (
         LayerStack("llm_config.num_hidden_layers", "language_model.model.layers.", cfg.llm.num_hidden_layers),
@@ -110,9 +119,9 @@ class Family:
     name: str
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
-    expected_shapes: Callable[[R1VConfig], dict[str, tuple[int, ...]]]
+    expected_shapes: Callable[[FamilyConfig], dict[str, tuple[int, ...]]]
     component_of: Callable[[str], str]
-    layer_stacks: Callable[[R1VConfig], tuple[LayerStack, ...]]
+    layer_stacks: Callable[[FamilyConfig], tuple[LayerStack, ...]]
 
 
 SKYWORK_CHAT = Family(

@@ -26,3 +26,17 @@ def demo_question() -> dict[str, str]:
     import json
 
     return json.loads((resources.files("r1v.micro") / "demo.json").read_text(encoding="utf-8"))
+
+
+def build(quant: str | None = None) -> Path:
+    """micro-r1v's files at `quant`, built from the shipped checkpoint on first use (see `files`)."""
+    from .files import micro_model
+
+    return micro_model(quant)
+
+
+def register() -> None:
+    """Make `r1v.load("micro-r1v")` (and every command taking a model name) find the demo model."""
+    from r1v.runtime.resolve import register_local_model
+
+    register_local_model(NAME, build)

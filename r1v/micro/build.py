@@ -60,7 +60,7 @@ def micro_config(tokenizer: Any, sizes: MicroSizes = MicroSizes()) -> dict[str, 
 def prompt_text(question: str, has_image: bool, tokens_per_tile: int = TOKENS_PER_TILE, tiles: int = 1) -> str:
     """The chatml-think prompt of one question, `<image>` already expanded to `<img>`+context+`</img>`."""
     from r1v.converters.gguf_vocab import render_chat_template
-    from r1v.resources import chat_template
+    from r1v.converters.resources import chat_template
 
     content = f"<image>\n{question}" if has_image else question
     text = render_chat_template(chat_template("chatml-think"), [{"role": "user", "content": content}])

@@ -12,7 +12,7 @@ import numpy as np
 
 from r1v.converters.config import parse_config
 from r1v.converters.safetensors_io import write_safetensors
-from r1v.resources import chat_template
+from r1v.converters.resources import chat_template
 
 from .tokenizer import build_tokenizer
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from llama_cpp import llama_cpp as _ll
 
-from ..api import ContextOverflowError, LoadOptions, MismatchedProjectorError, NoProjectorError, SamplingParams
+from ..options import ContextOverflowError, LoadOptions, MismatchedProjectorError, NoProjectorError, SamplingParams
 from ..image import TilingConfig, choose_grid, load_image, tile_image
 from ..llama_batch import DecodeError, LlamaBatch, decode
 from ..mtmd import MtmdContext, MtmdError, TextModel, rgb_array

@@ -1,4 +1,9 @@
-"""The registry of known models (r1v/models.yaml), loaded into validated dataclasses."""
+"""The registry of known models (models.yaml, beside pyproject.toml), loaded into validated dataclasses.
+
+In a source checkout or an editable install the file is the repository's top-level models.yaml; a built wheel
+carries it as r1v/models.yaml (pyproject.toml's package-data). Both are `MODELS_YAML`: the folder above this
+package's, plus models.yaml.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,8 +13,12 @@ from typing import Any
 
 import yaml
 
-from .resources import chat_template, models_yaml_text
-from .schema import from_dict
+from r1v.converters.resources import chat_template
+from r1v.converters.schema import from_dict
+
+from .options import SamplingParams
+
+MODELS_YAML = Path(__file__).resolve().parents[1] / "models.yaml"
 
 FORMATS = ("safetensors", "awq", "gguf")
 
@@ -18,14 +27,9 @@ class RegistryError(ValueError):
     """models.yaml (or a user registry file) is malformed; the message names the entry and field."""
 
 
-@dataclass(frozen=True)
-class GenerationDefaults:
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.05
-    max_tokens: int = 64000
+def models_yaml_text() -> str:
+    """The bundled registry's text."""
+    return MODELS_YAML.read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class ModelEntry:
     chat_template: str
     pre_tokenizer: str
     files: list[str]
-    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    generation: SamplingParams = field(default_factory=SamplingParams)  # the entry's sampling defaults
     license: str | None = None
     base: str | None = None
     default_quant: str | None = None
@@ -72,9 +76,14 @@ def _parse_entry(name: str, data: Any, where: str) -> ModelEntry:
     place = f"{where}: model {name!r}"
     if not isinstance(data, dict):
         raise RegistryError(f"{place}: expected a mapping, got {type(data).__name__}")
-    generation = from_dict(
-        GenerationDefaults, data.get("generation") or {}, f"{place}: generation", RegistryError, strict=True
-    )
+    try:
+        generation = from_dict(
+            SamplingParams, data.get("generation") or {}, f"{place}: generation", RegistryError, strict=True
+        )
+    except RegistryError:
+        raise
+    except ValueError as e:  # SamplingParams' own range checks
+        raise RegistryError(f"{place}: generation: {e}") from None
     entry = from_dict(ModelEntry, data, place, RegistryError, strict=True, name=name, generation=generation)
     if entry.format not in FORMATS:
         raise RegistryError(f"{place}: field 'format' is {entry.format!r}; expected one of {FORMATS}")
@@ -116,6 +125,6 @@ def parse_registry(text: str, where: str = "models.yaml") -> Registry:
 def load_registry(path: str | Path | None = None) -> Registry:
     """The bundled registry, or the one at `path`."""
     if path is None:
-        return parse_registry(models_yaml_text(), "r1v/models.yaml")
+        return parse_registry(models_yaml_text(), "models.yaml")
     path = Path(path)
     return parse_registry(path.read_text(encoding="utf-8"), str(path))
