@@ -18,10 +18,11 @@ from typing import Sequence
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .gguf_common import DIRECT_TYPES, ConversionError
+from .gguf_mmproj import MMPROJ_TYPES
 
 LLM_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "q3_k_l", "q3_k_m",
               "q3_k_s", "q2_k")
-MMPROJ_QUANTS = ("f32", "f16", "q8_0")
+MMPROJ_QUANTS = MMPROJ_TYPES  # the mmproj writer's types (--mmproj-quant)
 
 
 @dataclass

@@ -17,7 +17,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import gguf
+
 from ..converters.config import R1VConfig
+from ..converters.gguf_common import QType, storage_type
+from ..converters.gguf_llm import gguf_tensor_name
+from ..converters.gguf_mmproj import MMPROJ_TYPES, gguf_names
+from ..converters.gguf_mmproj import tensor_type as mmproj_tensor_type
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -44,22 +50,11 @@ KV_BYTES_PER_ELEMENT = 2  # fp16 K and V, the default of both backends (llama.cp
 
 
 # --- ggml tensor types -------------------------------------------------------------------------------------
-# (elements per block, bytes per block), as ggml's type traits / gguf-py's GGML_QUANT_SIZES. Bits per weight:
-# F16 16, Q8_0 8.5, Q6_K 6.5625, Q5_K 5.5, Q5_1 6, Q5_0 5.5, Q4_K 4.5, Q4_1 5, Q4_0 4.5.
-QK_K = 256
-GGML_BLOCKS: dict[str, tuple[int, int]] = {
-    "F32": (1, 4),
-    "F16": (1, 2),
-    "BF16": (1, 2),
-    "Q8_0": (32, 2 + 32),
-    "Q5_1": (32, 2 + 2 + 4 + 16),
-    "Q5_0": (32, 2 + 4 + 16),
-    "Q4_1": (32, 2 + 2 + 16),
-    "Q4_0": (32, 2 + 16),
-    "Q6_K": (QK_K, 2 + QK_K // 2 + QK_K // 4 + QK_K // 16),
-    "Q5_K": (QK_K, 2 + 2 + QK_K // 2 + QK_K // 8 + 12),
-    "Q4_K": (QK_K, 2 + 2 + QK_K // 2 + 12),
-}
+def ggml_block(ggml_type: str) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a ggml type, from gguf-py's GGML_QUANT_SIZES (ggml's type
+    traits). Bits per weight: F16 16, Q8_0 8.5, Q6_K 6.5625, Q5_K 5.5, Q5_1 6, Q5_0 5.5, Q4_K 4.5, Q4_0 4.5."""
+    return gguf.GGML_QUANT_SIZES[QType[ggml_type]]
+
 
 # llama.cpp src/llama-quant.cpp, tensor_type_fallback(): a row length not divisible by the block size moves
 # a k-quant to a 32-block type; if that does not divide either, the tensor is stored F16.
@@ -68,7 +63,7 @@ KQUANT_FALLBACK: dict[str, str] = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0
 
 def ggml_nbytes(ggml_type: str, shape: tuple[int, ...]) -> int:
     """Bytes of one tensor stored as `ggml_type`; `shape` in PyTorch order (rows are the last dimension)."""
-    block, size = GGML_BLOCKS[ggml_type]
+    block, size = ggml_block(ggml_type)
     ncols = shape[-1]
     if ncols % block:
         raise ValueError(f"row length {ncols} is not a multiple of the {ggml_type} block size {block}")
@@ -76,7 +71,7 @@ def ggml_nbytes(ggml_type: str, shape: tuple[int, ...]) -> int:
 
 
 def _fits_blocks(ggml_type: str, ncols: int) -> bool:
-    return ncols % GGML_BLOCKS[ggml_type][0] == 0
+    return ncols % ggml_block(ggml_type)[0] == 0
 
 
 # --- GGUF mixtures of the LLM file -------------------------------------------------------------------------
@@ -102,7 +97,8 @@ LLM_GGUF_MIXES: dict[str, GGUFMix] = {
     "Q5_K_M": GGUFMix("Q5_K", more_bits="Q6_K"),
     "Q4_K_M": GGUFMix("Q4_K", more_bits="Q6_K"),
 }
-MMPROJ_GGUF_TYPES: tuple[str, ...] = ("F16", "Q8_0")
+# The converter's mmproj types the plan lists (an F32 projector is for debugging, not for shipping).
+MMPROJ_GGUF_TYPES: tuple[str, ...] = tuple(t.upper() for t in MMPROJ_TYPES if t != "f32")
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -111,34 +107,16 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-# HF name (after "language_model.") -> llama.cpp tensor name; "{i}" is the layer.
-LLM_GGUF_NAMES: dict[str, str] = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
 def llm_gguf_name(hf_name: str) -> tuple[str, int | None]:
-    """('blk.3.attn_v.weight', 3) for an LLM tensor of the checkpoint."""
-    m = _LAYER.match(hf_name)
-    if m:
-        layer, rest = int(m.group(1)), m.group(2)
-        return f"blk.{layer}.{LLM_GGUF_NAMES[rest]}", layer
-    return LLM_GGUF_NAMES[hf_name.removeprefix("language_model.")], None
+    """('blk.3.attn_v.weight', 3) for an LLM tensor of the checkpoint: the converter's name table."""
+    name = gguf_tensor_name(hf_name)
+    if name is None:
+        raise KeyError(f"{hf_name}: no qwen2 GGUF name")
+    m = _LAYER.match(name)
+    return name, int(m.group(1)) if m else None
 
 
 def llm_gguf_tensor_type(
@@ -149,8 +127,8 @@ def llm_gguf_tensor_type(
     # 1-D tensors (norms, biases) are written F32 by the converter and never quantized (n_dims < 2).
     if len(shape) < 2 or gguf_name.endswith("_norm.weight"):
         return "F32"
-    if mix.direct:
-        return mix.default if _fits_blocks(mix.default, ncols) else "F16"
+    if mix.direct:  # written by our converter: its storage rule
+        return storage_type(QType[mix.default], shape).name
     new_type = mix.default
     # output.weight, or token_embd when the embeddings are tied: Q8_0 if the row does not fit the default
     # type's blocks, else Q6_K unless the default is Q8_0.
@@ -172,22 +150,15 @@ def llm_gguf_tensor_type(
     return new_type
 
 
-def mmproj_gguf_tensor_type(file_type: str, hf_name: str, shape: tuple[int, ...]) -> str:
-    """The ggml type convert_hf_to_gguf.py (--mmproj) gives one ViT / projector tensor.
-
-    From conversion/base.py (ModelBase.prepare_tensors, MmprojModel.tensor_force_quant) and
-    conversion/intern_vision.py: position embedding F32 (V_ENC_EMBD_POS); patch embedding F16 in an F16 file,
-    F32 otherwise; 1-D tensors, *_norm.weight and names not ending in .weight (class_embd) F32; every other
-    weight (q/k/v after the qkv split, attn_out, ffn_up/down, mm.1, mm.3) in the file type, F16 when a Q8_0
-    row is not a multiple of 32.
-    """
-    if hf_name.endswith("position_embedding") or hf_name.endswith("class_embedding"):
-        return "F32"
-    if hf_name.endswith("patch_embedding.weight"):
-        return "F16" if file_type == "F16" else "F32"
-    if len(shape) < 2:
-        return "F32"
-    return file_type if _fits_blocks(file_type, shape[-1]) else "F16"
+def mmproj_gguf_tensors(cfg: R1VConfig, hf_name: str, shape: tuple[int, ...], file_type: str
+                        ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(GGUF name, ggml type, shape) of what one ViT / projector tensor becomes in an mmproj of `file_type`:
+    the converter's own name table (a fused qkv is three tensors) and storage rule (llama.cpp's converter's)."""
+    out = []
+    for name, src in gguf_names(cfg, hf_name):
+        part = shape if src.rows is None else (src.rows[1] - src.rows[0], *shape[1:])
+        out.append((name, mmproj_tensor_type(name, part, file_type.lower()).name, part))
+    return out
 
 
 # --- AWQ / weight-only integer layouts ---------------------------------------------------------------------
@@ -318,30 +289,45 @@ def kv_bytes_per_token(cfg: R1VConfig) -> int:
 
 
 # --- per-format weight bytes -------------------------------------------------------------------------------
+def gguf_llm_tensors(cfg: R1VConfig, mix_name: str) -> dict[str, tuple[str, int]]:
+    """GGUF tensor name -> (ggml type, data bytes) of every tensor of the LLM file of mixture `mix_name`."""
+    mix = LLM_GGUF_MIXES[mix_name]
+    n_layers, tied = cfg.llm.num_hidden_layers, cfg.llm.tie_word_embeddings
+    out: dict[str, tuple[str, int]] = {}
+    for t in checkpoint_tensors(cfg):
+        if t.component in ("llm", "embeddings", "lm_head"):
+            gguf_name, layer = llm_gguf_name(t.name)
+            ggml_type = llm_gguf_tensor_type(mix, gguf_name, t.shape, layer, n_layers, tied)
+            out[gguf_name] = (ggml_type, ggml_nbytes(ggml_type, t.shape))
+    return out
+
+
+def gguf_mmproj_tensors(cfg: R1VConfig, file_type: str) -> dict[str, tuple[str, int]]:
+    """GGUF tensor name -> (ggml type, data bytes) of every tensor of the mmproj (ViT + mlp1) of `file_type`."""
+    out: dict[str, tuple[str, int]] = {}
+    for t in checkpoint_tensors(cfg):
+        if t.component in ("vision", "projector"):
+            for gguf_name, ggml_type, shape in mmproj_gguf_tensors(cfg, t.name, t.shape, file_type):
+                out[gguf_name] = (ggml_type, ggml_nbytes(ggml_type, shape))
+    return out
+
+
+def _by_type(tensors: dict[str, tuple[str, int]]) -> dict[str, int]:
+    by_type: dict[str, int] = {}
+    for ggml_type, nbytes in tensors.values():
+        by_type[ggml_type] = by_type.get(ggml_type, 0) + nbytes
+    return by_type
+
+
 def gguf_llm_bytes(cfg: R1VConfig, mix_name: str) -> dict[str, int]:
     """Tensor-data bytes of the LLM GGUF file of mixture `mix_name`, by ggml type (the GGUF header,
     tokenizer metadata and 32-byte alignment padding, a few MB, are not counted)."""
-    mix = LLM_GGUF_MIXES[mix_name]
-    n_layers, tied = cfg.llm.num_hidden_layers, cfg.llm.tie_word_embeddings
-    by_type: dict[str, int] = {}
-    for t in checkpoint_tensors(cfg):
-        if t.component not in ("llm", "embeddings", "lm_head"):
-            continue
-        gguf_name, layer = llm_gguf_name(t.name)
-        ggml_type = llm_gguf_tensor_type(mix, gguf_name, t.shape, layer, n_layers, tied)
-        by_type[ggml_type] = by_type.get(ggml_type, 0) + ggml_nbytes(ggml_type, t.shape)
-    return by_type
+    return _by_type(gguf_llm_tensors(cfg, mix_name))
 
 
 def gguf_mmproj_bytes(cfg: R1VConfig, file_type: str) -> dict[str, int]:
     """Tensor-data bytes of the mmproj GGUF (ViT + mlp1) of `file_type`, by ggml type."""
-    by_type: dict[str, int] = {}
-    for t in checkpoint_tensors(cfg):
-        if t.component not in ("vision", "projector"):
-            continue
-        ggml_type = mmproj_gguf_tensor_type(file_type, t.name, t.shape)
-        by_type[ggml_type] = by_type.get(ggml_type, 0) + ggml_nbytes(ggml_type, t.shape)
-    return by_type
+    return _by_type(gguf_mmproj_tensors(cfg, file_type))
 
 
 def awq_bytes(cfg: R1VConfig, vision: str) -> dict[str, int]:
@@ -498,9 +484,10 @@ def format_plan(plan: MemoryPlan) -> str:
 
 
 __all__ = [
-    "AWQ_LLM", "AWQ_PLACEMENTS", "COMMON_MEMORY_GIB", "GGML_BLOCKS", "GPU_RUNTIME_OVERHEAD_BYTES", "GiB",
+    "AWQ_LLM", "AWQ_PLACEMENTS", "COMMON_MEMORY_GIB", "GPU_RUNTIME_OVERHEAD_BYTES", "GiB",
     "LLM_GGUF_MIXES", "MMPROJ_GGUF_TYPES", "VISION_FORMATS", "GGUFMix", "LinearQuant", "MemoryPlan",
     "ParamCounts", "PlanEntry", "awq_bytes", "awq_key", "best_placement", "count_params", "format_plan",
-    "ggml_nbytes", "gguf_llm_bytes", "gguf_mmproj_bytes", "kv_bytes_per_token", "llm_gguf_name", "llm_gguf_tensor_type",
-    "mmproj_gguf_tensor_type", "plan_memory", "smallest_fit", "use_more_bits",
+    "ggml_block", "ggml_nbytes", "gguf_llm_bytes", "gguf_llm_tensors", "gguf_mmproj_bytes",
+    "gguf_mmproj_tensors", "kv_bytes_per_token", "llm_gguf_name", "llm_gguf_tensor_type",
+    "mmproj_gguf_tensors", "plan_memory", "smallest_fit", "use_more_bits",
 ]

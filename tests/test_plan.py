@@ -11,7 +11,6 @@ from r1v.converters.config import load_config, parse_config
 from r1v.runtime.plan import (
     AWQ_LLM,
     COMMON_MEMORY_GIB,
-    GGML_BLOCKS,
     GiB,
     VISION_FORMATS,
     awq_bytes,
@@ -190,12 +189,13 @@ def test_smallest_fit_counts_gib():
     assert smallest_fit(80 * GiB + 1) is None
 
 
-def test_ggml_block_sizes_match_gguf_py():
-    gguf = pytest.importorskip("gguf")
-    for name, (block, size) in GGML_BLOCKS.items():
-        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (block, size), name
-    bpw = {name: size * 8 / block for name, (block, size) in GGML_BLOCKS.items()}
-    assert bpw["Q8_0"] == 8.5 and bpw["Q6_K"] == 6.5625 and bpw["Q5_K"] == 5.5 and bpw["Q4_K"] == 4.5
+def test_ggml_block_sizes_are_gguf_py_s():
+    from r1v.runtime.plan import ggml_block
+
+    names = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K")
+    bpw = {name: ggml_block(name)[1] * 8 / ggml_block(name)[0] for name in names}
+    assert bpw == {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q5_1": 6, "Q5_0": 5.5, "Q4_1": 5, "Q4_0": 4.5,
+                   "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5}
 
 
 # --- exact counts on small configs -------------------------------------------------------------------------
@@ -369,3 +369,32 @@ def test_llm_mixes_match_llama_cpp_quantizer(name, tmp_path):
                 ours[gguf_name] = (ggml_type, ggml_nbytes(ggml_type, tensor.shape))
         assert ours == real, mix
         assert sum(gguf_llm_bytes(cfg, mix).values()) == sum(size for _, size in real.values())
+
+
+# --- oracle: what `r1v convert gguf` writes ----------------------------------------------------------------
+@pytest.mark.parametrize("sizes", [
+    {},  # the default tiny sizes: rows of 64/160 (k-quant and Q8_0 fallbacks)
+    {"llm_hidden": 256, "llm_intermediate": 512, "vit_hidden": 64, "vit_intermediate": 128},  # k-quant rows
+], ids=["tiny", "rows-256"])
+def test_plan_per_tensor_equals_what_the_converter_writes(sizes, tmp_path):
+    """Per tensor, the name, ggml type and bytes `r1v plan` predicts are those of the files `r1v convert gguf`
+    writes (F16, Q8_0, Q4_K_M LLM files; F16 and Q8_0 mmproj), so the planner cannot drift from the converter."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    from r1v.converters.gguf import convert_gguf
+    from r1v.runtime.plan import gguf_llm_tensors, gguf_mmproj_tensors
+    from r1v.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", vit="300m", seed=3, **sizes)
+    cfg = parse_config(json.loads((ckpt / "config.json").read_text()))
+    quants = {"f16": "F16", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
+    checked = []
+    for mmproj in ("f16", "q8_0"):
+        done = convert_gguf(ckpt, tmp_path / mmproj, list(quants) if mmproj == "f16" else [], mmproj, progress=False)
+        files = {quants[q]: (path, gguf_llm_tensors(cfg, quants[q])) for q, path in done.llm.items()}
+        files[f"mmproj {mmproj}"] = (done.mmproj, gguf_mmproj_tensors(cfg, mmproj.upper()))
+        for what, (path, planned) in files.items():
+            real = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors}
+            assert planned == real, what
+            checked.append(what)
+    assert checked == ["F16", "Q8_0", "Q4_K_M", "mmproj f16", "mmproj q8_0"]
