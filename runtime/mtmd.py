@@ -313,7 +313,7 @@ def _group_images(chunks: list[Chunk], ids: list[str], log_lines: list[str]) -> 
 def _projection_dim(mmproj: Path) -> int:
     import gguf  # the GGUF side's own dependency; only its header reader is used
 
-    field = gguf.GGUFReader(mmproj).get_field("clip.vision.projection_dim")
+    field = gguf.GGUFReader(mmproj).get_field(gguf.Keys.ClipVision.PROJECTION_DIM)
     if field is None:
         raise MtmdError(f"{mmproj}: no clip.vision.projection_dim; open it with a full (not vocab-only) text model")
     return int(field.contents())

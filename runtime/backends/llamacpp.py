@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from gguf import Keys
 
 from llama_cpp import llama_cpp as _ll
 
@@ -178,13 +179,13 @@ class LlamaCppBackend:
 
     def _open_vision(self, options: LoadOptions) -> None:
         kv = self._mmproj_header.get
-        projector = kv("clip.projector_type")
+        projector = kv(Keys.Clip.PROJECTOR_TYPE)
         if options.tiling == "internvl" and projector != "internvl":
             raise ValueError(f"{self.mmproj_path}: projector type {projector!r}, not 'internvl': InternVL tiling "
                              "does not apply; load with tiling='llamacpp' to let libmtmd prepare images")
-        size = int(kv("clip.vision.image_size", 448))
-        min_tiles = int(kv("clip.vision.preproc_min_tiles", 1))
-        max_tiles = options.max_tiles or int(kv("clip.vision.preproc_max_tiles", 12))
+        size = int(kv(Keys.ClipVision.IMAGE_SIZE, 448))
+        min_tiles = int(kv(Keys.ClipVision.PREPROC_MIN_TILES, 1))
+        max_tiles = options.max_tiles or int(kv(Keys.ClipVision.PREPROC_MAX_TILES, 12))
         self.tiling = TilingConfig(image_size=size, min_tiles=min(min_tiles, max_tiles), max_tiles=max_tiles)
         self._mtmd = MtmdContext(self.mmproj_path, self._text, n_threads=self.n_threads_batch)
         if self._mtmd.n_embd != self.n_embd:
