@@ -423,7 +423,7 @@ def chunk_response(id: str, created: int, model: str, delta: dict[str, Any] | No
 
 def error_from_exception(error: BaseException) -> APIError:
     """The client's view of an exception from loading images, rendering or generating."""
-    from ..api import ContextOverflowError, NoProjectorError
+    from ..options import ContextOverflowError, NoProjectorError
 
     if isinstance(error, APIError):
         return error

@@ -39,7 +39,7 @@ import torch
 
 from r1v.converters.checkpoint import open_checkpoint
 
-from ...api import ContextOverflowError, LoadOptions, SamplingParams
+from ...options import ContextOverflowError, LoadOptions, SamplingParams
 from ...image import TilingConfig, choose_grid, load_image, normalize, tile_image
 from ...torch_ref import KVCache, extract_feature
 from ...torch_ref.decode import StaticDecoder

@@ -21,7 +21,7 @@ from collections import deque
 
 import torch
 
-from ...api import SamplingParams
+from ...options import SamplingParams
 
 __all__ = ["Sampler"]
 
