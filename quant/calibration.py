@@ -23,7 +23,6 @@ No torch here: the batch is numpy; the driver runs the vision tower and the LLM.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import warnings
@@ -33,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from r1v.converters.jsonl import read_jsonl
 
 if TYPE_CHECKING:
     from r1v.converters.checkpoint import Checkpoint
@@ -79,21 +80,12 @@ def load_calibration(path: str | Path) -> list[CalibrationItem]:
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise CalibrationError(f"{path}: cannot read calibration file ({reason})") from None
+        entries = list(read_jsonl(path, error=CalibrationError))
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot read calibration file ({e.strerror or e})") from None
     items = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, entry in entries:
         where = f"{path}:{number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CalibrationError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(entry, dict):
-            raise CalibrationError(f"{where}: expected a JSON object, got {type(entry).__name__}")
         unknown = sorted(set(entry) - set(ITEM_KEYS))
         if unknown:
             raise CalibrationError(f"{where}: unknown key(s) {unknown}; an item has 'text', or 'question' "

@@ -35,7 +35,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, TextIO
+
+from r1v.converters.jsonl import read_jsonl, text_lines
 
 from .chat import starts_in_reasoning
 from .reasoning import final_answer
@@ -165,15 +167,7 @@ def read_items(path: Path) -> list[tuple[str, int, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     items: list[dict[str, Any]] = []
-    for number, line in _text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not a JSON object: {e}") from None
-        if not isinstance(item, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
+    for number, item in read_jsonl(path):
         for written in _WRITTEN_KEYS:
             if written in item:
                 raise ValueError(f"{path}:{number}: field {written!r} is where r1v batch writes the model's output; "
@@ -194,17 +188,6 @@ def read_items(path: Path) -> list[tuple[str, int, dict[str, Any]]]:
             raise ValueError(f"{path}: item {index} repeats {key} (ids must be unique to resume by them)")
         seen.add(key)
     return keyed
-
-
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(number, line) of a UTF-8 file; a byte that is not UTF-8 raises ValueError naming file, line and column."""
-    with open(path, "rb") as f:
-        for number, data in enumerate(f, 1):
-            try:
-                yield number, data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{number}: not UTF-8 text (byte 0x{data[e.start]:02x} at column "
-                                 f"{e.start + 1})") from None
 
 
 def _repair_tail(path: Path) -> None:
@@ -243,7 +226,7 @@ def read_done(output: Path, items: list[tuple[str, int, dict[str, Any]]], *,
     done: set[str] = set()
     kept: list[str] = []
     errors = 0
-    for number, line in _text_lines(output):
+    for number, line in text_lines(output):
         if not line.strip():
             continue
         try:

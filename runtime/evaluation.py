@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from r1v.converters.jsonl import read_jsonl
+
 from .reasoning import final_answer
 
 __all__ = ["EvalItem", "EvalReport", "ItemResult", "answers_match", "evaluate", "kl_and_agreement", "read_items"]
@@ -85,33 +87,24 @@ def read_items(path: str | Path, limit: int | None = None) -> list[EvalItem]:
     path = Path(path)
     items: list[EvalItem] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected an object with 'question' and 'answer'")
-            for key in ("question", "answer"):
-                if not isinstance(row.get(key), (str, int)) or str(row[key]) == "":
-                    raise ValueError(f"{where}: field {key!r} is missing or not a string")
-            image = row.get("image")
-            if image is not None and not isinstance(image, str):
-                raise ValueError(f"{where}: field 'image' must be a path (string) or null")
-            image_path = None if not image else (path.parent / image)
-            if image_path is not None and not image_path.is_file():
-                raise ValueError(f"{where}: field 'image': no file {image_path}")
-            item_id = str(row.get("id", f"line-{number}"))
-            if item_id in seen:
-                raise ValueError(f"{where}: field 'id': {item_id!r} appears twice")
-            seen.add(item_id)
-            items.append(EvalItem(item_id, str(row["question"]), str(row["answer"]), image_path, row.get("task")))
-            if limit is not None and len(items) >= limit:
-                break
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), (str, int)) or str(row[key]) == "":
+                raise ValueError(f"{where}: field {key!r} is missing or not a string")
+        image = row.get("image")
+        if image is not None and not isinstance(image, str):
+            raise ValueError(f"{where}: field 'image' must be a path (string) or null")
+        image_path = None if not image else (path.parent / image)
+        if image_path is not None and not image_path.is_file():
+            raise ValueError(f"{where}: field 'image': no file {image_path}")
+        item_id = str(row.get("id", f"line-{number}"))
+        if item_id in seen:
+            raise ValueError(f"{where}: field 'id': {item_id!r} appears twice")
+        seen.add(item_id)
+        items.append(EvalItem(item_id, str(row["question"]), str(row["answer"]), image_path, row.get("task")))
+        if limit is not None and len(items) >= limit:
+            break
     return items
 
 

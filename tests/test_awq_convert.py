@@ -285,7 +285,7 @@ def test_unreadable_calibration_files(tmp_path, ckpt):
     with pytest.raises(CalibrationError, match=r"cannot read calibration file \(Is a directory"):
         load_calibration(tmp_path)
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
-    with pytest.raises(CalibrationError, match=r"latin1.jsonl: cannot read calibration file.*utf-8"):
+    with pytest.raises(CalibrationError, match=r"latin1.jsonl:1: not UTF-8 text \(byte 0xe9 at column 14\)"):
         load_calibration(tmp_path / "latin1.jsonl")
     # through the driver: refused before any work, nothing written
     out = tmp_path / "out"

@@ -113,7 +113,13 @@ def test_eval_resumes_from_its_results_file(files, f16, tmp_path):
 def test_bad_items_are_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "1"}\n{"question": "q"\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 17\)"):
+        read_items(bad)
+    bad.write_text('{"question": "q", "answer": "1"}\n[1]\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object, got list"):
+        read_items(bad)
+    bad.write_bytes(b'{"question": "q", "answer": "1"}\n{"question": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
         read_items(bad)
     bad.write_text('{"question": "q", "answer": "1"}\n{"question": "q"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'answer'"):
