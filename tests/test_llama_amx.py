@@ -126,6 +126,7 @@ def test_amx_report_loads_weights_without_extra_buffer_types(q4_0_model: Path, m
     assert _buffers_of_a_load(q4_0_model, monkeypatch, AMX_REPORT) == unguarded
 
 
+@pytest.mark.slow
 def test_real_report_decides_every_gguf_load(q4_0_model: Path):
     """On this machine's llama.cpp: our runtime and the plain llama-cpp-python baseline both load and decode
     with the guard's decision (on an AMX build without the guard, the decode below segfaults)."""
@@ -155,3 +156,12 @@ def test_plain_llama_is_guarded_only_inside_the_block(monkeypatch: pytest.Monkey
     with pytest.raises(RuntimeError, match="boom"), llama_params.llama_with_safe_buffers():
         raise RuntimeError("boom")
     assert _ll.llama_model_default_params is original
+
+
+def test_extra_buffers_benchmark_runs_both_settings(q4_0_model: Path):
+    from r1v.bench.extra_buffers import bench_extra_buffers
+
+    result = bench_extra_buffers(str(q4_0_model), repeats=2, decode_tokens=4, prompt_repeats=1)
+    rates = result["tokens_per_second"]
+    assert set(rates) == {"on", "off"} and all(v > 0 for side in rates.values() for v in side.values())
+    assert result["off_over_on"]["decode"] == pytest.approx(rates["off"]["decode"] / rates["on"]["decode"])
