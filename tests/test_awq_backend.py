@@ -393,6 +393,7 @@ def test_parse_memory_and_placement():
     assert parse_placement("vision=int8").key == "awq[vision=int8,embed=gpu]"
 
 
+@pytest.mark.slow
 def test_bench_generate_runs_on_cpu(awq_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "r1v", "bench", "generate", str(awq_dir), "--rounds", "1",
                           "--max-tokens", "8", "--prompt-repeats", "2", "--n-ctx", "512", "--device", "cpu",

@@ -183,6 +183,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 
 
 # --- calibration ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_builtin_set_is_deterministic_and_windows_keep_image_blocks_whole(ckpt):
     items = builtin_calibration()
     assert calibration_fingerprint(items) == calibration_fingerprint(builtin_calibration())
@@ -352,6 +353,7 @@ def test_autoawq_dequantized_output_is_close_to_the_fp_model(ckpt, awq_out, held
     assert kl < 0.03 and agree > 0.6
 
 
+@pytest.mark.slow
 def test_awq_beats_rtn_and_multimodal_vs_text_calibration(ckpt, awq_out, outlier_ckpt, held_out, convert,
                                                           fp_model):
     """Every method against RTN (same grid, group size and calibration) on held-out multimodal prompts; the
@@ -396,6 +398,7 @@ def test_imatrix_holds_every_llm_linear_under_its_gguf_name(ckpt, awq_out):
 
 
 # --- resuming -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_interrupted_run_resumes_and_gives_identical_files(ckpt, awq_out, tmp_path, monkeypatch):
     original = driver.quantize_layer_awq
 
@@ -421,6 +424,7 @@ def test_interrupted_run_resumes_and_gives_identical_files(ckpt, awq_out, tmp_pa
     assert imatrix.read_bytes() == (ckpt.parent / "tiny-awq.imatrix.gguf").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_run_with_other_options_discards_the_unfinished_one(ckpt, tmp_path, monkeypatch):
     original = driver.quantize_layer_awq
 
@@ -480,6 +484,7 @@ def ckpt_300m(work) -> Path:
     return make_tiny_checkpoint(work / "tiny300m", vit="300m", seed=1, vit_hidden=64, vit_intermediate=128, **SIZES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vision", ["int4", "int8"])
 def test_vision_int4_and_int8(ckpt_300m, convert, fp_model, vision):
     out = convert(ckpt_300m, vision, vision=vision, method="rtn")
@@ -512,6 +517,7 @@ def test_vision_int4_and_int8(ckpt_300m, convert, fp_model, vision):
 
 
 # --- the command line ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_end_to_end(ckpt, tmp_path):
     out = tmp_path / "cli-out"
     calib = _jsonl(tmp_path / "calib.jsonl", '{"question": "What is 6 x 7?", "answer": "42"}',
@@ -534,6 +540,7 @@ def test_cli_end_to_end(ckpt, tmp_path):
     assert "bad.jsonl:1: missing key 'question'" in bad.stderr and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_peak_rss_with_4x_the_layers(tmp_path):
     """Measured, not asserted: the driver holds one decoder layer, so 4x the layers should cost ~nothing."""
     from r1v.bench.measure import run_measured

@@ -206,6 +206,7 @@ def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
 
 
+@pytest.mark.slow
 def test_auto_is_int4_on_cpu_and_agrees_with_the_exact_weights(awq_dir):
     """kernel="auto" on CPU: every LLM and (stored int4) vision linear repacked, none left over; log-probabilities
     and greedy tokens next to the same weights dequantized exactly (kernel="dense")."""
@@ -230,6 +231,7 @@ def test_auto_is_int4_on_cpu_and_agrees_with_the_exact_weights(awq_dir):
         assert a[:8] == b[:8]
 
 
+@pytest.mark.slow
 def test_micro_r1v_kl_through_int4_is_far_below_the_quantizations(tmp_path):
     """micro-r1v AWQ (the bundled model's 4-bit checkpoint) through kernel="int4" against kernel="dense", scored as
     `r1v eval` scores (teacher-forced mean KL, top-1 agreement) on held-out items: the kernel's share must be far

@@ -278,6 +278,7 @@ def _batch_cmd(gguf: Path, inputs: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow
 def test_killed_halfway_and_restarted_gives_one_line_per_input(gguf: Path, tmp_path: Path):
     (tmp_path / "img").mkdir()
     items = []
@@ -317,6 +318,7 @@ def test_killed_halfway_and_restarted_gives_one_line_per_input(gguf: Path, tmp_p
     assert again.returncode == 0 and "already in" in again.stderr
 
 
+@pytest.mark.slow
 def test_stream_mode_prints_answers_and_keeps_events(gguf: Path, tmp_path: Path):
     inputs = _write_jsonl(tmp_path / "in.jsonl", [{"image": "", "question": "What is two plus two?"}])
     out = tmp_path / "out.jsonl"

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -45,6 +47,7 @@ def test_inspect_error_is_clear(tmp_path):
     assert "config.json not found" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_plan_works_on_a_directory_with_only_config(tmp_path):
     (tmp_path / "config.json").write_text((DATA / "r1v3-38b-config.json").read_text())
     result = r1v("plan", str(tmp_path), "--context", "8192", "--json")
@@ -56,6 +59,7 @@ def test_plan_works_on_a_directory_with_only_config(tmp_path):
     assert table.returncode == 0 and "Q4_K_M" in table.stdout
 
 
+@pytest.mark.slow
 def test_demo_answers_the_bundled_question(tmp_path):
     """As a new user: the bundled micro-r1v, its GGUF files built into an empty cache, the bundled image and
     question; the reasoning is shown and the answer is the right one."""

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_output_piped_into_a_reader_that_stops_early_exits_quietly(tmp_path: Path):
     # `r1v cache ls --json | head -0`: the reader is gone before the first write
     proc = subprocess.Popen([sys.executable, "-m", "r1v", "cache", "ls", "--json", "--dir", str(tmp_path)],

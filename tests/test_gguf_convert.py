@@ -31,6 +31,7 @@ def _types(path: Path) -> set[str]:
     return {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
+@pytest.mark.slow
 def test_cli_writes_every_quant_and_the_mmproj(ckpt, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(

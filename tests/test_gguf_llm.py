@@ -164,6 +164,7 @@ def test_tied_embeddings_have_no_output_tensor_and_still_match(tmp_path):
 
 
 # --- quantized files -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_quantized_kl_divergence_to_f16(files, f16_llama):
     prompts = [_tokens(f16_llama, text) for text in PROMPTS]
     base = [_log_softmax(_logits(f16_llama, ids)) for ids in prompts]

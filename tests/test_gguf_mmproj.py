@@ -92,6 +92,7 @@ def test_f16_image_embeddings_match_torch_reference(ctx_f16: MtmdContext, refere
     assert cos.min() >= 0.999
 
 
+@pytest.mark.slow
 def test_tiles_resize_and_overview_match_internvl_where_grids_agree(ctx_f16: MtmdContext, reference: R1VModel):
     """1000x1000: both choose 3x3 (+ thumbnail last) and the aspect ratio matches, so libmtmd's bicubic resize
     (a port of Pillow's) gives the same tiles as InternVL's: per-tile embeddings agree."""
@@ -105,6 +106,7 @@ def test_tiles_resize_and_overview_match_internvl_where_grids_agree(ctx_f16: Mtm
     assert cos.min() >= 0.999
 
 
+@pytest.mark.slow
 def test_q8_0_close_to_f16(files: dict[str, Path], text_model: TextModel, ctx_f16: MtmdContext):
     img = _image(448, 448, seed=2)
     f16 = ctx_f16.embed_image(img).embeddings
@@ -303,6 +305,7 @@ def test_failure_mid_write_leaves_no_file(ckpt_path: Path, tmp_path: Path, monke
 
 # --- the whole model: image + question through llama.cpp vs the torch reference ---------------------------
 
+@pytest.mark.slow
 def test_image_question_greedy_tokens_match_torch_reference(files: dict[str, Path], ckpt_path: Path,
                                                             reference: R1VModel):
     """A 448×448 image (one tile, no resize, so both sides tile alike) and a question in the chat template:

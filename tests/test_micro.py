@@ -192,6 +192,7 @@ def test_prompt_is_the_chatml_think_template():
         "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n<think>\n")
 
 
+@pytest.mark.slow
 def test_packed_training_batch_computes_each_question_as_its_own_sequence():
     """Training packs several questions about one image (and text-only questions) into one row; the
     logits of every question must equal the reference model's on that question's own prompt."""
@@ -263,6 +264,7 @@ def test_shipped_checkpoint_opens_and_is_small():
         assert {"<img>", "</img>", "<IMG_CONTEXT>"} <= set(ckpt.special_tokens())
 
 
+@pytest.mark.slow
 def test_reference_answers_the_demo_question(reference):
     from r1v.micro import demo_image_path, demo_question
     from r1v.micro.evaluate import generate
@@ -274,6 +276,7 @@ def test_reference_answers_the_demo_question(reference):
     assert "</think>" in output
 
 
+@pytest.mark.slow
 def test_reference_accuracy_on_fresh_test_items(reference):
     from r1v.micro.evaluate import evaluate
 

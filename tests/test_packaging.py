@@ -6,6 +6,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,6 +37,7 @@ WHEEL_DATA = ("r1v/models.yaml", "r1v/converters/chat_templates/chatml-think.jin
               "r1v/converters/chat_templates/deepseek-r1-think.jinja", "r1v/runtime/viewer.html", "r1v/micro/demo.png")
 
 
+@pytest.mark.slow
 def test_the_built_wheel_carries_models_yaml_and_the_registry_reads_it(tmp_path):
     """Build the wheel from a copy of the source tree and run the registry from the unpacked wheel: the
     top-level models.yaml must travel (as r1v/models.yaml) and be the file `load_registry` reads there."""

@@ -339,6 +339,7 @@ _ORACLE_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_ORACLE_CONFIGS))
 def test_llm_mixes_match_llama_cpp_quantizer(name, tmp_path):
     """Per tensor, the type and byte count we predict equal what llama_model_quantize writes."""

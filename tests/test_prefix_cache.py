@@ -229,6 +229,7 @@ def _writer(directory: str, key: str, payload: bytes, rounds: int, barrier) -> N
         store.write(key, payload, {"pid": os.getpid()})
 
 
+@pytest.mark.slow
 def test_concurrent_writers_leave_one_valid_entry(tmp_path: Path):
     key = hashlib.sha256(b"the same prefix").hexdigest()
     payload = np.random.default_rng(0).bytes(4 << 20)

@@ -93,6 +93,7 @@ def test_groups_follow_the_table_and_skip_v_to_o_under_gqa():
 
 
 # --- the searches ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_search_scale_favours_outlier_channels_and_restores_weights():
     layer, kw = _layer(), _kwargs()
     (g,) = [g for g in scaling_groups(layer, kw) if g.name == "attn_in"]
@@ -127,6 +128,7 @@ def _autoawq_best_clip(w, input_feat, group_size, n_grid=20, max_shrink=0.5):
     return best_max_val.squeeze(1).squeeze(-1)
 
 
+@pytest.mark.slow
 def test_search_clip_matches_autoawq_and_reduces_the_error():
     layer = _layer()
     linear = layer.mlp.gate_proj
@@ -148,6 +150,7 @@ def test_search_clip_matches_autoawq_and_reduces_the_error():
 
 
 # --- the whole layer -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_awq_beats_rtn_on_a_decoder_layer_with_outlier_channels():
     layer, kw = _layer(), _kwargs()
     calib, held_out = _activations(4, 10), _activations(4, 11)

@@ -120,6 +120,7 @@ def test_batches_never_exceed_llama_cpps_n_batch(files: Files):
         assert model.generate("Hi", max_tokens=2, **GREEDY).completion_tokens == 2
 
 
+@pytest.mark.slow
 def test_generate_command_reports_the_overflow(files: Files):
     with load(files.llm, n_ctx=64, **THREADS) as model:
         prompts = {n: _prompt_of(model, n) for n in (63, 65)}
@@ -140,6 +141,7 @@ def test_generate_command_reports_the_overflow(files: Files):
     assert "the prompt is 301 tokens, 256 of them for images, but the context window is 300 tokens" in image.stderr
 
 
+@pytest.mark.slow
 def test_server_with_a_small_context_answers_400_and_keeps_serving(files: Files, tmp_path: Path):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
@@ -193,6 +195,7 @@ def test_projector_check_compares_only_keys_both_files_carry():
         check_same_source(model, header("p.gguf", checkpoint="tiny-r1v", config_sha256="bb"))
 
 
+@pytest.mark.slow
 def test_generate_command_refuses_a_mismatched_projector(files: Files):
     flags = ["--threads", "1", "--n-threads-batch", "1", "--temperature", "0", "--max-tokens", "2",
              "--no-prefix-cache", "--n-ctx", "1024", "--image", str(files.png), "-p", "q",
@@ -291,6 +294,7 @@ def test_control_tokens_in_message_text_stay_text_llamacpp(files: Files):
         check_message_text_is_not_control_tokens(model, files.png)
 
 
+@pytest.mark.slow
 def test_control_tokens_in_message_text_stay_text_awq(files: Files):
     """The same on the AWQ backend (torch; its tokenizer is the checkpoint's tokenizer.json)."""
     pytest.importorskip("torch")

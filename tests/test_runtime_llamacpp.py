@@ -149,6 +149,7 @@ def test_image_prompt_greedy_matches_reference(model: Model, reference, tokenize
     assert result.tokens == expected
 
 
+@pytest.mark.slow
 def test_libmtmd_tiling_matches_libmtmds_own_evaluation(files: Files):
     """tiling="llamacpp": libmtmd's grid (3x2 + overview for 1000x500, where InternVL picks 2x1); our
     embedding batches give the same greedy tokens as libmtmd's own helper (mtmd_helper_eval_chunk_single)."""
@@ -288,6 +289,7 @@ def test_follow_up_about_an_image_does_not_evaluate_it_again(model: Model, files
 
 # --- errors: clear, and before any decoding ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_context_overflow_is_raised_before_decoding(model: Model, files: Files):
     with load(files.llm, n_ctx=64, **THREADS) as small:
         assert small.n_ctx == 64  # the window asked for (llama.cpp pads its KV cache to 256 cells, not its batch)
@@ -451,6 +453,7 @@ def _r1v(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           encoding="utf-8", errors="replace")
 
 
+@pytest.mark.slow
 def test_generate_command_streams_the_answer(model: Model, files: Files):
     flags = ["--temperature", "0", "--repetition-penalty", "1", "--max-tokens", "8", "--threads", "1",
              "--n-threads-batch", "1", "--n-ctx", "2048"]

@@ -227,6 +227,7 @@ def test_404_has_the_openai_shape(server: str):
 
 # --- capacity and disconnects ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_burst_beyond_capacity_is_refused_with_429_at_once(client, server: str):
     """One slot + one queued: of 8 simultaneous long requests, the rest are refused promptly, not queued."""
     _wait_idle(server)

@@ -159,6 +159,7 @@ def test_image_count_alone_refuses_before_any_header_is_read(no_decoding):
                                     "context window is 8192 tokens (n_ctx)")
 
 
+@pytest.mark.slow
 def test_pixels_of_all_images_together_are_budgeted_from_headers(no_decoding):
     big = _data_url(_uniform_png(9000, 9000))
     error = _refused(_body([big]))
@@ -231,6 +232,7 @@ def _post(url: str, body: object) -> httpx.Response:
                       headers={"Content-Type": "application/json"})
 
 
+@pytest.mark.slow
 def test_hostile_images_keep_the_servers_peak_rss_under_1_5_gb(served):
     cases = [
         ("one 9000x9000 RGBA PNG", _body([_data_url(_uniform_png(9000, 9000))], max_tokens=1), 413),
@@ -264,6 +266,7 @@ def test_bodies_that_gave_500_are_400(served, body: str, param: str | None, word
     assert (error["type"], error["param"]) == ("invalid_request_error", param) and words in error["message"]
 
 
+@pytest.mark.slow
 def test_a_client_leaving_during_upload_is_quiet(served):
     logged = served.log.read_text()
     port = int(served.url.rsplit(":", 1)[1])

@@ -93,6 +93,7 @@ def llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_gguf(ckpt, root / "gguf", quant=["f16"], mmproj_quant="f16", progress=False).llm["f16"]
 
 
+@pytest.mark.slow
 def test_max_tiles_per_request(llm: Path, tmp_path: Path):
     wide = _image(1792, 896, seed=3)
     with load(llm, prefix_cache_dir=tmp_path, **THREADS) as model:
@@ -105,6 +106,7 @@ def test_max_tiles_per_request(llm: Path, tmp_path: Path):
         load(llm, tiling="llamacpp", image_budget=5.0, **THREADS)
 
 
+@pytest.mark.slow
 def test_image_budget_measures_once_and_picks_tiles(llm: Path, tmp_path: Path, monkeypatch):
     wide = _image(1792, 896, seed=4)
     with load(llm, image_budget=1000.0, prefix_cache_dir=tmp_path, **THREADS) as model:
@@ -130,6 +132,7 @@ def test_image_budget_measures_once_and_picks_tiles(llm: Path, tmp_path: Path, m
         assert model._backend.rates() == rates
 
 
+@pytest.mark.slow
 def test_generate_command_image_budget(llm: Path, tmp_path: Path):
     png = tmp_path / "wide.png"
     _image(896, 448, seed=2).save(png)

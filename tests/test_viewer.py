@@ -149,6 +149,7 @@ def test_view_command_serves_until_stopped(results: Path):
     assert missing.returncode == 2 and "results file not found" in missing.stderr
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(results: Path, tmp_path: Path):
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":  # scripts/setup.sh installs it there: missing is a failure
@@ -214,6 +215,7 @@ def _results_file(folder: Path, images: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_images_are_served_only_from_under_the_root_without_symlinks_out(tmp_path: Path):
     secret = tmp_path / "secret.txt"
     secret.write_text("root:x:0:0:secret\n")
