@@ -1,15 +1,19 @@
 """Shared fixtures: tiny R1V-layout checkpoints, built once per test session."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 # Models loaded by the tests write llama.cpp states after images to the prefix cache (on by default): keep
-# them out of the user's cache. Set before any test imports the runtime.
-os.environ.setdefault("R1V_PREFIX_CACHE_DIR", tempfile.mkdtemp(prefix="r1v-test-prefix-cache-"))
+# them out of the user's cache. Set before any test imports the runtime; removed when the session ends.
+if "R1V_PREFIX_CACHE_DIR" not in os.environ:
+    os.environ["R1V_PREFIX_CACHE_DIR"] = tempfile.mkdtemp(prefix="r1v-test-prefix-cache-")
+    atexit.register(shutil.rmtree, os.environ["R1V_PREFIX_CACHE_DIR"], ignore_errors=True)
 # Without an NVIDIA GPU the AWQ Triton kernels run under Triton's interpreter on CPU tensors. Triton reads the
 # flag when a kernel is defined, so it is set here, before any test module can import triton.
 if not Path("/dev/nvidia0").exists():
