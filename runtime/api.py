@@ -27,6 +27,7 @@ from .options import ContextOverflowError, LoadOptions, MismatchedProjectorError
 from .reasoning import ReasoningParser, Round, parse_rounds, split_reasoning
 
 if TYPE_CHECKING:
+    from .image import TilingConfig
     from .resolve import ResolvedModel
 
 __all__ = [
@@ -217,6 +218,16 @@ class Model:
     @property
     def has_vision(self) -> bool:
         return getattr(self._backend, "has_vision", self._backend.mmproj_path is not None)
+
+    @property
+    def tiling(self) -> TilingConfig | None:
+        """How images are cut into tiles (InternVL's rule and its limits); None without a vision tower."""
+        return getattr(self._backend, "tiling", None) if self.has_vision else None
+
+    @property
+    def tokens_per_tile(self) -> int | None:
+        """Context positions one image tile takes (256 for R1V); None without a vision tower."""
+        return getattr(self._backend, "tokens_per_tile", None) if self.has_vision else None
 
     def __repr__(self) -> str:
         projector = f", mmproj={self.mmproj.name}" if self.mmproj else ""

@@ -29,7 +29,7 @@ from r1v.converters.gguf import convert_gguf
 from r1v.runtime.api import ContextOverflowError, MismatchedProjectorError, Model, load
 from r1v.runtime.backends.llamacpp import check_same_source
 from r1v.runtime.llama_batch import DecodeError, LlamaBatch, decode
-from r1v.runtime.resolve import BadModelFileError, GGUFHeader
+from r1v.runtime.gguf_header import BadModelFileError, GGUFHeader
 from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
 

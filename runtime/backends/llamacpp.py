@@ -26,7 +26,7 @@ fits, from this machine's measured encode and prefill rates (`r1v.runtime.tile_b
 Sampling: llama.cpp's sampler chain - penalties, top-k, top-p, min-p, temperature, seeded distribution, or
 greedy at temperature 0 - run by llama.cpp on the logits of the last position (`llama_sampler_sample`).
 
-Files and sizes: both GGUF files are read and checked before llama.cpp sees them (`resolve.read_gguf_header`:
+Files and sizes: both GGUF files are read and checked before llama.cpp sees them (`gguf_header.read_gguf_header`:
 not GGUF, truncated), and a projector whose provenance (`r1v.source.*`) names another checkpoint than the
 model's is refused (`check_same_source`) unless `allow_mismatched_mmproj`. The context window is the n_ctx
 asked for (llama.cpp pads its KV cache to 256 cells but caps each llama_decode batch at the asked n_ctx and
@@ -58,7 +58,7 @@ from ..image import TilingConfig, choose_grid, load_image, tile_image
 from ..llama_batch import DecodeError, LlamaBatch, decode
 from ..mtmd import MtmdContext, MtmdError, TextModel, rgb_array
 from .prompt import ImageSlot, Prompt, Run, RunStats, TextPiece, interleave, tokenize_pieces, wrap_text_pieces
-from ..resolve import GGUFHeader, read_gguf_header
+from ..gguf_header import GGUFHeader, read_gguf_header
 from ..prefix_cache import (DEFAULT_MAX_BYTES, PrefixCacheWarning, PrefixHasher, PrefixStore, default_cache_dir,
                             file_identity)
 from ..tile_budget import RATES_FILE, CostModel, Rates, RateStore, TileChoice, measure_rates, pick_tiles

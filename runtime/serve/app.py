@@ -109,9 +109,8 @@ def _event(data: Any) -> str:
 def image_layout(model: Any) -> ImageLayout | None:
     """How `model` lays out images, for counting their positions before decoding; None when it takes none or
     does not say (the pixel budget still applies)."""
-    backend = getattr(model, "_backend", None)
-    tiling, per_tile = getattr(backend, "tiling", None), getattr(backend, "tokens_per_tile", None)
-    if not model.has_vision or tiling is None or not per_tile:
+    tiling, per_tile = model.tiling, model.tokens_per_tile
+    if tiling is None or not per_tile:
         return None
     options = model.options
     # Only InternVL tiling without a time budget gives the tiles from the size alone; otherwise count one per image.
