@@ -66,12 +66,13 @@ def choose_buffers(report: str, extra_buffers: bool | None = None,
     True or False force llama.cpp's extra buffer types on or off (off is llama.cpp's ``--no-repack``).
     """
     has_amx = library_has_amx(report)
+    allowed = allow_amx_from_env(environ) if extra_buffers is None else False  # a bad value is refused anywhere
     if extra_buffers is not None:
         state = "on" if extra_buffers else "off"
         return BufferChoice(extra_buffers, has_amx, f"extra buffer types {state}, as asked")
     if not has_amx:
         return BufferChoice(True, False, "llama.cpp's CPU backend has no AMX: extra buffer types (CPU_REPACK) on")
-    if allow_amx_from_env(environ):
+    if allowed:
         return BufferChoice(True, True, f"llama.cpp reports AMX_INT8 = 1 and {AMX_ENV}=1: AMX and CPU_REPACK "
                                         "buffer types on")
     return BufferChoice(False, True, "llama.cpp reports AMX_INT8 = 1: extra buffer types off, because its AMX "

@@ -62,6 +62,9 @@ def test_library_without_amx_keeps_extra_buffers_unless_turned_off():
 def test_bad_environment_value_names_the_variable(value: str):
     with pytest.raises(ValueError, match=rf"^{AMX_ENV}='{value}': expected 1 or 0"):
         allow_amx_from_env({AMX_ENV: value})
+    for report in (AMX_REPORT, NO_AMX_REPORT):  # refused where it would not matter too, not silently ignored
+        with pytest.raises(ValueError, match=AMX_ENV):
+            choose_buffers(report, environ={AMX_ENV: value})
 
 
 # --- plumbing: the decision reaches llama.cpp's loader ------------------------------------------------------
@@ -165,3 +168,14 @@ def test_extra_buffers_benchmark_runs_both_settings(q4_0_model: Path):
     rates = result["tokens_per_second"]
     assert set(rates) == {"on", "off"} and all(v > 0 for side in rates.values() for v in side.values())
     assert result["off_over_on"]["decode"] == pytest.approx(rates["off"]["decode"] / rates["on"]["decode"])
+
+
+def test_extra_buffers_benchmark_names_a_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from r1v.bench.extra_buffers import main
+
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(bad)])
+    assert exit_info.value.code == 2
+    assert f"{bad}: not a GGUF file" in capsys.readouterr().err

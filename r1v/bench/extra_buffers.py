@@ -16,8 +16,10 @@ from .generate import PROMPT_PARAGRAPH
 
 def bench_extra_buffers(model: str, *, repeats: int = 6, decode_tokens: int = 64, prompt_repeats: int = 12,
                         n_threads: int = 1, n_threads_batch: int | None = None) -> dict[str, Any]:
+    from r1v.runtime.gguf_header import read_gguf_header
     from r1v.runtime.llama_params import open_llama
 
+    read_gguf_header(model, "model")  # a missing, foreign or truncated file named before llama.cpp sees it
     models = {on: open_llama(model, extra_buffers=on, n_ctx=2048, n_batch=512, n_threads=n_threads,
                              n_threads_batch=n_threads_batch, flash_attn=True, verbose=False) for on in (True, False)}
     try:
@@ -49,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=6, help="alternations (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
-    result = bench_extra_buffers(args.model, repeats=args.repeats)
+    try:
+        result = bench_extra_buffers(args.model, repeats=args.repeats)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
