@@ -279,7 +279,7 @@ def quantize_layer_awq(
     with each linear's Hessian accumulated over forward passes of `chunk_rows` calibration rows at a time.
 
     `layer_input` [B, T, hidden] and `layer_kwargs` are what `layer(layer_input, **layer_kwargs)` takes (for
-    runtime.torch_ref.qwen2.DecoderLayer: cos, sin, cache=None). On return the layer computes with the
+    runtime.model.qwen2.DecoderLayer: cos, sin, cache=None). On return the layer computes with the
     quantized weights (each linear's weight is its dequantized matrix) and carries the folded scales in its
     norms and biases: run it for the next layer's input, save those parameters from it."""
     layer_kwargs = dict(layer_kwargs or {})

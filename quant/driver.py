@@ -53,9 +53,9 @@ from r1v.converters.awq import (
 )
 from r1v.converters.checkpoint import Checkpoint, open_checkpoint
 from r1v.converters.gguf_common import ConversionError
-from r1v.runtime.torch_ref.projector import Projector, pixel_shuffle
-from r1v.runtime.torch_ref.qwen2 import DecoderLayer, RMSNorm, RotaryEmbedding, check_supported
-from r1v.runtime.torch_ref.vision import VisionEmbeddings, VisionLayer
+from r1v.runtime.model.projector import Projector, pixel_shuffle
+from r1v.runtime.model.qwen2 import DecoderLayer, RMSNorm, RotaryEmbedding, check_supported
+from r1v.runtime.model.vision import VisionEmbeddings, VisionLayer
 
 from .awq import QWEN2_TABLE, quantize_layer_awq
 from .calibration import CalibrationBatch, CalibrationItem, build_calibration_batch, builtin_calibration, \
@@ -527,7 +527,7 @@ def embed_calibration_batch(ckpt: Checkpoint, batch: CalibrationBatch, device: t
 @torch.no_grad()
 def embed_images(ckpt: Checkpoint, images: Sequence[np.ndarray], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """InternViT + pixel shuffle + mlp1 (runtime.torch_ref.extract_feature) over every tile of `images`
+    """InternViT + pixel shuffle + mlp1 (runtime.model.extract_feature) over every tile of `images`
     (pixel values [tiles, 3, S, S] each), with one ViT layer in memory at a time. Per image:
     [tiles, tokens_per_tile, llm_hidden]."""
     cfg = ckpt.config

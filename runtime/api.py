@@ -28,7 +28,7 @@ from .reasoning import ReasoningParser, Round, parse_rounds, split_reasoning
 
 if TYPE_CHECKING:
     from .image import TilingConfig
-    from .resolve import ResolvedModel
+    from .files.resolve import ResolvedModel
 
 __all__ = [
     "ContextOverflowError", "ImageInfo", "LoadOptions", "MismatchedProjectorError", "Model", "NoProjectorError",
@@ -358,7 +358,7 @@ def load(source: str | Path, options: LoadOptions | None = None, **overrides: An
     """Load a model: a .gguf file (its mmproj found beside it, or `mmproj=`), a directory, or a models.yaml
     name (downloaded through huggingface-hub, only the files the quant needs). Options: `LoadOptions` and/or
     keyword overrides of its fields."""
-    from .resolve import resolve_model
+    from .files.resolve import resolve_model
 
     options = options or LoadOptions()
     if overrides:
@@ -370,7 +370,7 @@ def load(source: str | Path, options: LoadOptions | None = None, **overrides: An
     resolved = resolve_model(source, quant=options.quant, mmproj=options.mmproj, cache_dir=options.cache_dir,
                              offline=options.offline)
     if resolved.format == "gguf":
-        from .backends.llamacpp import LlamaCppBackend
+        from .backends.llamacpp.backend import LlamaCppBackend
 
         backend = LlamaCppBackend(resolved.path, resolved.mmproj, options)
     elif resolved.format in ("awq", "safetensors"):

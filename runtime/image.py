@@ -151,6 +151,12 @@ def choose_grid(width: int, height: int, cfg: TilingConfig = TilingConfig()) -> 
     return best
 
 
+def image_tiles(width: int, height: int, cfg: TilingConfig) -> int:
+    """Tiles InternVL's tiling gives a width x height image (the thumbnail included)."""
+    cols, rows = choose_grid(width, height, cfg)
+    return cols * rows + int(cfg.use_thumbnail and cols * rows != 1)
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class LoadOptions:
     rates (measured once per model, stored beside the prefix cache).
     extra_buffers: GGUF only: llama.cpp's extra weight buffer types (CPU_REPACK, AMX). None: on, except where
     llama.cpp's CPU backend has AMX, whose matrix product crashes on many hosts ($R1V_LLAMA_AMX=1 allows it);
-    True: on (AMX included); False: off (llama.cpp's --no-repack). See runtime/llama_params.py.
+    True: on (AMX included); False: off (llama.cpp's --no-repack). See runtime/backends/llamacpp/llama_params.py.
 
     AWQ checkpoints only (`backends.awq`): device ("cuda", "cuda:1", "cpu"; default CUDA when there is one);
     device_memory: the memory budget ("24GB" = 24 GiB, or bytes) from which `r1v plan` picks the placement,

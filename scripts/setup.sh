@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 # llama.cpp is built for this CPU (-march=native) but without its AMX matrix product, which segfaults on many
 # AMX hosts (llama.cpp #20824): a build without it keeps the CPU_REPACK weight layout that the runtime's AMX
-# guard (runtime/llama_params.py) must otherwise switch off. On CPUs without AMX the flag changes nothing.
+# guard (runtime/backends/llamacpp/llama_params.py) must otherwise switch off. On CPUs without AMX the flag changes nothing.
 export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__"
 .venv/bin/pip install -q -e ".[dev]"
 # AutoAWQ and AutoGPTQ are the tests' independent checks of our AWQ packing and GPTQ rounding; both are

@@ -130,10 +130,10 @@ def cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
 def test_the_parser_sees_every_core_file_and_lazy_imports():
     graph = core_graph()
     assert {"r1v.converters.gguf_mmproj", "r1v.quant.driver", "r1v.runtime.api",
-            "r1v.runtime.backends.llamacpp"} <= graph.keys()
+            "r1v.runtime.backends.llamacpp.backend"} <= graph.keys()
     assert len(graph) == sum(1 for d in ("converters", "quant", "runtime") for _ in (ROOT / d).rglob("*.py"))
-    assert "r1v.runtime.backends.llamacpp" in graph["r1v.runtime.api"]  # imported inside load()
-    assert "r1v.runtime.options" in graph["r1v.runtime.backends.llamacpp"]
+    assert "r1v.runtime.backends.llamacpp.backend" in graph["r1v.runtime.api"]  # imported inside load()
+    assert "r1v.runtime.options" in graph["r1v.runtime.backends.llamacpp.backend"]
 
 
 def test_cycle_finder_finds_a_cycle_through_a_lazy_import():
@@ -173,6 +173,6 @@ def test_no_import_cycles_between_files_but_the_listed_ones():
 
 def test_the_demo_model_registers_from_r1v_micro():
     import r1v.micro
-    from r1v.runtime.resolve import LOCAL_MODELS
+    from r1v.runtime.files.resolve import LOCAL_MODELS
 
     assert LOCAL_MODELS["micro-r1v"] is r1v.micro.build

@@ -30,8 +30,8 @@ from r1v.quant.driver import quantize_checkpoint_awq  # noqa: E402
 from r1v.quant.pack import dequantize_awq  # noqa: E402
 from r1v.runtime.api import ContextOverflowError, load  # noqa: E402
 from r1v.runtime.image import TilingConfig, prepare_image  # noqa: E402
-from r1v.runtime.plan import GiB, best_placement  # noqa: E402
-from r1v.runtime.torch_ref import R1VModel  # noqa: E402
+from r1v.runtime.files.plan import GiB, best_placement  # noqa: E402
+from r1v.runtime.model import R1VModel  # noqa: E402
 from r1v.testing import make_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

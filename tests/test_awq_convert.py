@@ -36,7 +36,7 @@ from r1v.quant.calibration import (
 from r1v.quant.driver import embed_calibration_batch, quantize_checkpoint_awq
 from r1v.quant.imatrix import Imatrix, gguf_weight_name
 from r1v.quant.methods import DEFAULT_METHOD, METHODS
-from r1v.runtime.torch_ref import R1VModel
+from r1v.runtime.model import R1VModel
 from r1v.testing import make_tiny_checkpoint
 
 SIZES = {"llm_hidden": 256, "llm_intermediate": 512, "llm_layers": 2, "image_size": 224}

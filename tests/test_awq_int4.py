@@ -240,7 +240,7 @@ def test_micro_r1v_kl_through_int4_is_far_below_the_quantizations(tmp_path):
     from r1v.micro import task
     from r1v.micro.files import micro_awq
     from r1v.runtime.api import load
-    from r1v.runtime.evaluation import evaluate, read_items
+    from r1v.apps.evaluation import evaluate, read_items
 
     items = read_items(task.write_items(task.SPLITS["test"][0], 8, tmp_path / "items.jsonl"))
     options = dict(n_ctx=1024, device="cpu", n_threads=1)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from r1v.converters.gguf import convert_gguf
 from r1v.runtime.api import LoadOptions, Model
-from r1v.runtime.batch import BatchBusyError, BatchConfig, plan_batch, run_batch
+from r1v.apps.batch import BatchBusyError, BatchConfig, plan_batch, run_batch
 from r1v.testing import make_tiny_checkpoint
 
 SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,

@@ -11,7 +11,7 @@ from r1v.cli import main
 from r1v.converters.gguf import convert_gguf
 from r1v.micro import task
 from r1v.runtime.api import load
-from r1v.runtime.evaluation import (EvalItem, answers_match, evaluate, kl_and_agreement, read_items)
+from r1v.apps.evaluation import (EvalItem, answers_match, evaluate, kl_and_agreement, read_items)
 from r1v.testing import make_tiny_checkpoint
 
 SIZES = dict(llm_hidden=128, llm_intermediate=256, llm_layers=2, llm_heads=4, llm_kv_heads=2,
@@ -39,7 +39,7 @@ def test_logprobs_equal_the_torch_reference(files, f16):
     from tokenizers import Tokenizer
 
     from r1v.runtime.image import TilingConfig, prepare_image
-    from r1v.runtime.torch_ref import R1VModel
+    from r1v.runtime.model import R1VModel
 
     ckpt = files[0]
     item = next(i for i in read_items(files[2]) if i.image is not None)

@@ -23,9 +23,9 @@ from r1v.converters.gguf_common import ConversionError
 from r1v.converters.gguf_llm import QWEN2_TENSORS, gguf_tensor_name, write_llm_gguf
 from r1v.converters.gguf_quantize import quantize_gguf
 from r1v.converters.gguf_vocab import accept_list_content, build_vocab, render_chat_template
-from r1v.runtime.llama_params import open_llama
+from r1v.runtime.backends.llamacpp.llama_params import open_llama
 from r1v.converters.resources import chat_template
-from r1v.runtime.torch_ref import R1VModel
+from r1v.runtime.model import R1VModel
 from r1v.testing import make_tiny_checkpoint
 
 # Row lengths that are multiples of 256, so Q4_K/Q6_K really apply (not the F16 fallback).

@@ -16,13 +16,13 @@ from r1v.converters.gguf_common import ConversionError
 from r1v.converters.gguf_llm import write_llm_gguf
 from r1v.converters.gguf_mmproj import POSITION_ORDER, POSITION_ORDER_KEY, check_mmproj_supported, write_mmproj_gguf
 from r1v.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, choose_grid, normalize, prepare_image
-from r1v.runtime.llama_params import open_llama
-from r1v.runtime.mtmd import MtmdContext, MtmdError, TextModel
+from r1v.runtime.backends.llamacpp.llama_params import open_llama
+from r1v.runtime.backends.llamacpp.mtmd import MtmdContext, MtmdError, TextModel
 from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
 
 torch = pytest.importorskip("torch")
-from r1v.runtime.torch_ref import R1VModel  # noqa: E402
+from r1v.runtime.model import R1VModel  # noqa: E402
 
 # vit_hidden/intermediate multiples of 32, so Q8_0 blocks apply to every ViT and projector matrix.
 SIZES = dict(vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)

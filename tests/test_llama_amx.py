@@ -1,4 +1,4 @@
-"""The AMX guard (runtime/llama_params.py): llama.cpp's AMX weight buffers crash at the first decode on many
+"""The AMX guard (runtime/backends/llamacpp/llama_params.py): llama.cpp's AMX weight buffers crash at the first decode on many
 hosts, so every GGUF load turns llama.cpp's extra buffer types off where its CPU backend reports AMX, unless
 the user opts in. The decision is tested on reports of both kinds; the plumbing on this machine's llama.cpp,
 by reading which weight buffers it allocated."""
@@ -12,10 +12,10 @@ import pytest
 
 from llama_cpp import llama_cpp as _ll
 from r1v.converters.gguf import convert_gguf
-from r1v.runtime import llama_params
+from r1v.runtime.backends.llamacpp import llama_params
 from r1v.runtime.api import load
-from r1v.runtime.llama_params import AMX_ENV, allow_amx_from_env, choose_buffers, library_has_amx, open_llama
-from r1v.runtime.mtmd import TextModel
+from r1v.runtime.backends.llamacpp.llama_params import AMX_ENV, allow_amx_from_env, choose_buffers, library_has_amx, open_llama
+from r1v.runtime.backends.llamacpp.mtmd import TextModel
 from r1v.testing import make_tiny_checkpoint
 
 # llama_print_system_info() as printed by llama.cpp (features that are 1 are listed; the AMX one from a

@@ -202,7 +202,7 @@ def test_packed_training_batch_computes_each_question_as_its_own_sequence():
     from r1v.micro.settings import MicroSizes
     from r1v.micro.train import Batcher, init_weights, packed_hidden
     from r1v.runtime.image import prepare_image
-    from r1v.runtime.torch_ref import R1VModel
+    from r1v.runtime.model import R1VModel
 
     torch.set_num_threads(2)
     tokenizer = build_micro_tokenizer()

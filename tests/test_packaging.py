@@ -24,8 +24,8 @@ def test_every_package_folder_is_listed():
 
 def test_import_r1v_and_the_gguf_side_do_not_import_torch():
     code = (
-        "import sys, r1v, r1v.converters, r1v.converters.inspect, r1v.runtime.image, r1v.runtime.plan, "
-        "r1v.runtime.registry, r1v.cli, r1v.testing\n"
+        "import sys, r1v, r1v.converters, r1v.converters.inspect, r1v.runtime.image, r1v.runtime.files.plan, "
+        "r1v.runtime.files.registry, r1v.cli, r1v.testing\n"
         "heavy = [m for m in ('torch', 'transformers', 'safetensors', 'llama_cpp') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -34,7 +34,7 @@ def test_import_r1v_and_the_gguf_side_do_not_import_torch():
 
 # What the wheel must carry besides the modules: the data files the code reads through its package folders.
 WHEEL_DATA = ("r1v/models.yaml", "r1v/converters/chat_templates/chatml-think.jinja",
-              "r1v/converters/chat_templates/deepseek-r1-think.jinja", "r1v/runtime/viewer.html", "r1v/micro/demo.png")
+              "r1v/converters/chat_templates/deepseek-r1-think.jinja", "r1v/apps/viewer.html", "r1v/micro/demo.png")
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_the_built_wheel_carries_models_yaml_and_the_registry_reads_it(tmp_path)
         z.extractall(tmp_path / "site")
     # PYTHONPATH comes before the editable install's finder, so `r1v` is the unpacked wheel's.
     code = (
-        "import r1v, r1v.runtime.registry as reg\n"
+        "import r1v, r1v.runtime.files.registry as reg\n"
         "from r1v.converters.resources import chat_template\n"
         f"assert r1v.__file__.startswith({str(tmp_path / 'site')!r}), r1v.__file__\n"
         f"assert reg.MODELS_YAML == __import__('pathlib').Path({str(tmp_path / 'site' / 'r1v' / 'models.yaml')!r})\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from r1v.converters.config import load_config, parse_config
-from r1v.runtime.plan import (
+from r1v.runtime.files.plan import (
     AWQ_LLM,
     COMMON_MEMORY_GIB,
     GiB,
@@ -190,7 +190,7 @@ def test_smallest_fit_counts_gib():
 
 
 def test_ggml_block_sizes_are_gguf_py_s():
-    from r1v.runtime.plan import ggml_block
+    from r1v.runtime.files.plan import ggml_block
 
     names = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K")
     bpw = {name: ggml_block(name)[1] * 8 / ggml_block(name)[0] for name in names}
@@ -301,7 +301,7 @@ def _write_qwen2_f16_gguf(cfg, path) -> None:
     """A random-weight qwen2 GGUF (F16 weights, F32 1-D tensors) with cfg's LLM shapes."""
     gguf = pytest.importorskip("gguf")
     np = pytest.importorskip("numpy")
-    from r1v.runtime.plan import checkpoint_tensors, llm_gguf_name
+    from r1v.runtime.files.plan import checkpoint_tensors, llm_gguf_name
 
     t = cfg.llm
     w = gguf.GGUFWriter(str(path), "qwen2")
@@ -347,7 +347,7 @@ def test_llm_mixes_match_llama_cpp_quantizer(name, tmp_path):
     gguf = pytest.importorskip("gguf")
     import ctypes
 
-    from r1v.runtime.plan import LLM_GGUF_MIXES, checkpoint_tensors, ggml_nbytes, llm_gguf_name, \
+    from r1v.runtime.files.plan import LLM_GGUF_MIXES, checkpoint_tensors, ggml_nbytes, llm_gguf_name, \
         llm_gguf_tensor_type
 
     cfg = parse_config(_ORACLE_CONFIGS[name])
@@ -383,7 +383,7 @@ def test_plan_per_tensor_equals_what_the_converter_writes(sizes, tmp_path):
     gguf = pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
     from r1v.converters.gguf import convert_gguf
-    from r1v.runtime.plan import gguf_llm_tensors, gguf_mmproj_tensors
+    from r1v.runtime.files.plan import gguf_llm_tensors, gguf_mmproj_tensors
     from r1v.testing import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", vit="300m", seed=3, **sizes)

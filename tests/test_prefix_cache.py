@@ -1,4 +1,4 @@
-"""The prefix cache (`r1v.runtime.prefix_cache` and the llama.cpp backend's use of it).
+"""The prefix cache (`r1v.runtime.backends.llamacpp.prefix_cache` and the llama.cpp backend's use of it).
 
 Greedy outputs with the cache - restored in the same process after other requests, and from disk in a new
 model - are token for token those of a model without it, for one image, two images and a second chat turn;
@@ -24,7 +24,7 @@ from PIL import Image
 
 from r1v.converters.gguf import convert_gguf
 from r1v.runtime.api import Model, load
-from r1v.runtime.prefix_cache import FORMAT_VERSION, SUFFIX, PrefixCacheWarning, PrefixStore, file_identity
+from r1v.runtime.backends.llamacpp.prefix_cache import FORMAT_VERSION, SUFFIX, PrefixCacheWarning, PrefixStore, file_identity
 from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
 

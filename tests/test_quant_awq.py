@@ -1,4 +1,4 @@
-"""AWQ on a tiny Qwen2 decoder layer (runtime/torch_ref/qwen2.py): exact scale folding, the searches, and
+"""AWQ on a tiny Qwen2 decoder layer (runtime/model/qwen2.py): exact scale folding, the searches, and
 AWQ's error against RTN's at the same bits and group size."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from r1v.quant.awq import (
 )
 from r1v.quant.pack import dequantize_awq, pack_awq
 from r1v.quant.rtn import dequantize_rtn, fake_quantize
-from r1v.runtime.torch_ref.qwen2 import DecoderLayer, RotaryEmbedding
+from r1v.runtime.model.qwen2 import DecoderLayer, RotaryEmbedding
 
 HIDDEN, INTER, T = 256, 512, 64
 OUTLIERS = [3, 77, 150, 201]

@@ -13,7 +13,7 @@ from torch import nn
 
 from r1v.converters.config import Qwen2Config
 from r1v.quant.imatrix import Imatrix, gguf_weight_name
-from r1v.runtime.torch_ref.qwen2 import Qwen2ForCausalLM
+from r1v.runtime.model.qwen2 import Qwen2ForCausalLM
 
 LINEARS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

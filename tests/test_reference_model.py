@@ -1,4 +1,4 @@
-"""The torch reference model (r1v.runtime.torch_ref) against transformers' own implementations.
+"""The torch reference model (r1v.runtime.model) against transformers' own implementations.
 
 Oracles: transformers' Qwen2ForCausalLM for the LLM, InternVLForConditionalGeneration for the image
 embeddings and the full multimodal logits; both built from the same fp32 tiny checkpoint through the
@@ -21,7 +21,7 @@ from r1v.converters import CheckpointError, load_config, open_checkpoint
 from r1v.converters.checkpoint import Checkpoint
 from r1v.converters.config import R1VConfig
 from r1v.converters.safetensors_io import write_safetensors
-from r1v.runtime.torch_ref import IMG_CONTEXT, KVCache, Qwen2ForCausalLM, R1VModel, load_weights
+from r1v.runtime.model import IMG_CONTEXT, KVCache, Qwen2ForCausalLM, R1VModel, load_weights
 from r1v.testing import make_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -188,7 +188,7 @@ def test_static_decode_steps_match_the_dynamic_ones(ours: R1VModel) -> None:
     """`StaticDecoder` (one token, fixed shapes: the step CUDA graphs capture, run eagerly here) against the dynamic
     cache path: the same logits at every step, across span boundaries (capacity 600: spans 256, 512, 600), and the
     same greedy tokens."""
-    from r1v.runtime.torch_ref.decode import StaticDecoder, spans_for
+    from r1v.runtime.model.decode import StaticDecoder, spans_for
 
     assert spans_for(600) == [256, 512, 600] and spans_for(256) == [256] and spans_for(100) == [100]
     torch.manual_seed(3)

@@ -6,7 +6,7 @@ import yaml
 
 from r1v.converters.resources import chat_template
 from r1v.runtime.options import SamplingParams
-from r1v.runtime.registry import RegistryError, load_registry, models_yaml_text, parse_registry
+from r1v.runtime.files.registry import RegistryError, load_registry, models_yaml_text, parse_registry
 
 
 def test_bundled_registry_has_the_skywork_releases():

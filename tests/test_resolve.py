@@ -14,9 +14,9 @@ import pytest
 from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-import r1v.runtime.resolve as resolve
-from r1v.runtime.registry import RegistryError, load_registry, parse_registry
-from r1v.runtime.resolve import (
+import r1v.runtime.files.resolve as resolve
+from r1v.runtime.files.registry import RegistryError, load_registry, parse_registry
+from r1v.runtime.files.resolve import (
     LOCAL_MODELS,
     AmbiguousModelError,
     ModelNotAvailable,

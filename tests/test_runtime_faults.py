@@ -27,9 +27,9 @@ from PIL import Image
 
 from r1v.converters.gguf import convert_gguf
 from r1v.runtime.api import ContextOverflowError, MismatchedProjectorError, Model, load
-from r1v.runtime.backends.llamacpp import check_same_source
-from r1v.runtime.llama_batch import DecodeError, LlamaBatch, decode
-from r1v.runtime.gguf_header import BadModelFileError, GGUFHeader
+from r1v.runtime.backends.llamacpp.backend import check_same_source
+from r1v.runtime.backends.llamacpp.llama_batch import DecodeError, LlamaBatch, decode
+from r1v.runtime.backends.llamacpp.gguf_header import BadModelFileError, GGUFHeader
 from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
 
@@ -148,7 +148,7 @@ def test_server_with_a_small_context_answers_400_and_keeps_serving(files: Files,
     pytest.importorskip("uvicorn")
     from serve_process import serve_process  # tests/serve_process.py
 
-    from r1v.runtime.serve.app import free_port
+    from r1v.apps.serve.app import free_port
 
     args = ["--n-ctx", "64", "--n-threads", "1", "--n-threads-batch", "1", "--no-prefix-cache", "--log-level",
             "warning"]

@@ -23,14 +23,14 @@ import r1v
 from r1v.converters.gguf import convert_gguf
 from r1v.runtime.api import ContextOverflowError, LoadOptions, Model, NoProjectorError, SamplingParams, load
 from r1v.runtime.image import ImageError, prepare_image
-from r1v.runtime.llama_params import open_llama
+from r1v.runtime.backends.llamacpp.llama_params import open_llama
 from r1v.runtime.reasoning import split_reasoning
-from r1v.runtime.resolve import ModelNotFoundError
+from r1v.runtime.files.resolve import ModelNotFoundError
 from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
 
 torch = pytest.importorskip("torch")
-from r1v.runtime.torch_ref import R1VModel  # noqa: E402
+from r1v.runtime.model import R1VModel  # noqa: E402
 
 SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
              vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
@@ -155,7 +155,7 @@ def test_libmtmd_tiling_matches_libmtmds_own_evaluation(files: Files):
     embedding batches give the same greedy tokens as libmtmd's own helper (mtmd_helper_eval_chunk_single)."""
     import llama_cpp
 
-    from r1v.runtime.mtmd import MtmdContext
+    from r1v.runtime.backends.llamacpp.mtmd import MtmdContext
 
     image, question, steps = _image(1000, 500, seed=7), "Describe it.", 16
     # flash_attn=False as llama_cpp.Llama's default: with llama.cpp's "auto" (on for CPU) the logits differ in
@@ -375,7 +375,7 @@ class _ScriptedBackend:
         return None
 
     def start(self, prompt, params):
-        from r1v.runtime.backends.llamacpp import RunStats
+        from r1v.runtime.backends.llamacpp.backend import RunStats
 
         backend = self
 

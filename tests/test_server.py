@@ -31,7 +31,7 @@ pytest.importorskip("uvicorn")
 
 from r1v.converters.gguf import convert_gguf  # noqa: E402
 from r1v.runtime.api import LoadOptions, Model, load  # noqa: E402
-from r1v.runtime.serve.app import ServerConfig, ServerThread, create_app, free_port  # noqa: E402
+from r1v.apps.serve.app import ServerConfig, ServerThread, create_app, free_port  # noqa: E402
 from r1v.testing import make_tiny_checkpoint  # noqa: E402
 from serve_process import serve_process  # noqa: E402
 
@@ -360,7 +360,7 @@ def test_protocol_is_json_all_the_way(scripted):
 # --- the wire format without a server ------------------------------------------------------------------
 
 def test_local_images_only_when_allowed_and_under_the_root(tmp_path: Path):
-    from r1v.runtime.serve.protocol import APIError, ServerLimits, parse_chat_request
+    from r1v.apps.serve.protocol import APIError, ServerLimits, parse_chat_request
 
     (tmp_path / "img").mkdir()
     image = tmp_path / "img" / "a.png"
@@ -388,7 +388,7 @@ def test_local_images_only_when_allowed_and_under_the_root(tmp_path: Path):
 
 
 def test_serving_batch_and_viewer_do_not_import_torch():
-    code = ("import sys, r1v.runtime.serve.app, r1v.runtime.batch, r1v.runtime.viewer, r1v.cli.serve_cmd, "
+    code = ("import sys, r1v.apps.serve.app, r1v.apps.batch, r1v.apps.viewer, r1v.cli.serve_cmd, "
             "r1v.cli.batch_cmd, r1v.cli.view_cmd, r1v.bench.serve\n"
             "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\nassert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)

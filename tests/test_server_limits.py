@@ -31,8 +31,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from r1v.runtime.image import TilingConfig  # noqa: E402
-from r1v.runtime.serve.app import free_port, image_layout  # noqa: E402
-from r1v.runtime.serve.protocol import (  # noqa: E402
+from r1v.apps.serve.app import free_port, image_layout  # noqa: E402
+from r1v.apps.serve.protocol import (  # noqa: E402
     APIError, ImageLayout, ServerLimits, check_images, parse_chat_request,
 )
 from serve_process import serve_process  # noqa: E402

@@ -1,4 +1,4 @@
-"""The tile budget (`r1v.runtime.tile_budget`): cost model, tile choice, stored rates; `max_tiles` per request
+"""The tile budget (`r1v.runtime.backends.llamacpp.tile_budget`): cost model, tile choice, stored rates; `max_tiles` per request
 and `image_budget` on the llama.cpp backend and the command line."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from PIL import Image
 
 from r1v.converters.gguf import convert_gguf
 from r1v.runtime.api import load
-from r1v.runtime.image import TilingConfig
-from r1v.runtime.prefix_cache import PrefixCacheWarning
-from r1v.runtime.tile_budget import (CostModel, Rates, RateStore, estimate_seconds, image_tiles, measure_rates,
+from r1v.runtime.image import TilingConfig, image_tiles
+from r1v.runtime.backends.llamacpp.prefix_cache import PrefixCacheWarning
+from r1v.runtime.backends.llamacpp.tile_budget import (CostModel, Rates, RateStore, estimate_seconds, measure_rates,
                                      pick_tiles)
 from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
@@ -122,7 +122,7 @@ def test_image_budget_measures_once_and_picks_tiles(llm: Path, tmp_path: Path, m
         no_budget = model.generate("q", max_tokens=1)  # no images: nothing to choose
         assert no_budget.estimated_prefill_seconds is None
 
-    from r1v.runtime.backends.llamacpp import LlamaCppBackend
+    from r1v.runtime.backends.llamacpp.backend import LlamaCppBackend
 
     def never(self):
         raise AssertionError("measured again")

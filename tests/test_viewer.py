@@ -22,8 +22,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from r1v.runtime.api import LoadOptions, Model
-from r1v.runtime.batch import BatchConfig, run_batch
-from r1v.runtime.viewer import ViewerServer, load_results
+from r1v.apps.batch import BatchConfig, run_batch
+from r1v.apps.viewer import ViewerServer, load_results
 
 CHROMIUM = Path("/usr/bin/chromium")
 R1V4_OUTPUT = ("The picture has circles; I should crop the left half to count them.</think>\n"
@@ -123,7 +123,7 @@ def test_server_gives_the_page_the_results_and_only_their_images(results: Path):
 
 
 def test_view_command_serves_until_stopped(results: Path):
-    from r1v.runtime.serve.app import free_port
+    from r1v.apps.serve.app import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "r1v", "view", str(results), "--port", str(port)],

@@ -1,5 +1,5 @@
 """`python -m r1v.bench.extra_buffers MODEL.gguf`: what llama.cpp's extra weight buffer types (CPU_REPACK, and
-AMX where built in) are worth on this machine - the cost of the AMX guard (runtime/llama_params.py) where it
+AMX where built in) are worth on this machine - the cost of the AMX guard (runtime/backends/llamacpp/llama_params.py) where it
 turns them off. Both settings load side by side in one process and alternate (prefill of a fixed prompt, then
 single-token decodes), so load on the machine affects both alike; medians are reported.
 """
@@ -16,8 +16,8 @@ from .generate import PROMPT_PARAGRAPH
 
 def bench_extra_buffers(model: str, *, repeats: int = 6, decode_tokens: int = 64, prompt_repeats: int = 12,
                         n_threads: int = 1, n_threads_batch: int | None = None) -> dict[str, Any]:
-    from r1v.runtime.gguf_header import read_gguf_header
-    from r1v.runtime.llama_params import open_llama
+    from r1v.runtime.backends.llamacpp.gguf_header import read_gguf_header
+    from r1v.runtime.backends.llamacpp.llama_params import open_llama
 
     read_gguf_header(model, "model")  # a missing, foreign or truncated file named before llama.cpp sees it
     models = {on: open_llama(model, extra_buffers=on, n_ctx=2048, n_batch=512, n_threads=n_threads,

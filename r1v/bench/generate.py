@@ -88,7 +88,7 @@ def _direct(spec: BenchSpec, prompt: str, n_tokens: int, image_prompt: str | Non
     import llama_cpp
     import numpy as np
 
-    from r1v.runtime.llama_params import open_llama
+    from r1v.runtime.backends.llamacpp.llama_params import open_llama
 
     # llama_cpp.Llama with the same AMX guard as ours (else it crashes where ours runs)
     llama = open_llama(spec.model, extra_buffers=spec.extra_buffers, n_ctx=spec.n_ctx, n_batch=spec.n_batch,
@@ -111,7 +111,7 @@ def _direct(spec: BenchSpec, prompt: str, n_tokens: int, image_prompt: str | Non
     if image_prompt is not None and spec.mmproj and spec.image:
         from PIL import Image
 
-        from r1v.runtime.mtmd import MtmdContext
+        from r1v.runtime.backends.llamacpp.mtmd import MtmdContext
 
         with MtmdContext(spec.mmproj, llama, n_threads=spec.n_threads) as ctx:
             pixels = np.asarray(Image.open(spec.image).convert("RGB"))
@@ -161,8 +161,8 @@ def bench_repeat(model: str, *, image: str, repeat: int = 3, mmproj: str | None 
                  max_tokens: int = 1, n_ctx: int = 8192, n_threads: int | None = None, n_batch: int = 512,
                  flash_attn: bool = True, max_tiles: int | None = None) -> dict[str, Any]:
     """TTFT of `repeat` questions about one image: first, later in the same process, then in a new process."""
-    from r1v.runtime.prefix_cache import PrefixStore
-    from r1v.runtime.resolve import resolve_model
+    from r1v.runtime.backends.llamacpp.prefix_cache import PrefixStore
+    from r1v.runtime.files.resolve import resolve_model
 
     if repeat < 2:
         raise ValueError(f"--repeat needs at least 2 questions, got {repeat}")
@@ -261,9 +261,9 @@ def bench_generate(model: str, *, mmproj: str | None = None, image: str | None =
                    n_batch: int = 512, flash_attn: bool = True, rounds: int = 3,
                    extra_buffers: bool | None = None) -> dict[str, Any]:
     """Measure both sides `rounds` times, alternating; return figures, ratios and the bandwidth bound.
-    `extra_buffers` applies to both sides (None: the AMX guard of runtime/llama_params decides)."""
-    from r1v.runtime.llama_params import choose_buffers, system_info
-    from r1v.runtime.resolve import resolve_model
+    `extra_buffers` applies to both sides (None: the AMX guard of runtime/backends/llamacpp/llama_params decides)."""
+    from r1v.runtime.backends.llamacpp.llama_params import choose_buffers, system_info
+    from r1v.runtime.files.resolve import resolve_model
 
     resolved = resolve_model(model, quant=quant, mmproj=mmproj)
     if resolved.format != "gguf":

@@ -147,7 +147,7 @@ def bench_generate_awq(model: str, *, image: str | None = None, prompt_repeats: 
                        n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
                        device: str | None = None, kernel: str = "auto", rounds: int = 3) -> dict[str, Any]:
     """Measure the AWQ side and the fp16 side `rounds` times, alternating; figures, ratios, bandwidth bound."""
-    from r1v.runtime.resolve import resolve_model
+    from r1v.runtime.files.resolve import resolve_model
 
     resolved = resolve_model(model)
     if resolved.format != "awq":

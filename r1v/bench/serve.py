@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             report = run_load(args.url, body, args.requests, args.concurrency, args.api_key)
         else:
             from r1v.runtime.api import load
-            from r1v.runtime.serve.app import ServerConfig, ServerThread, create_app
+            from r1v.apps.serve.app import ServerConfig, ServerThread, create_app
 
             source = build_tiny_gguf(Path(tmp)) if args.tiny else Path(args.model)
             models = [load(source, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads)

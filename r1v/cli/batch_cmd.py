@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from r1v.runtime.api import load
-    from r1v.runtime.batch import BatchBusyError, BatchConfig, plan_batch, run_batch
+    from r1v.apps.batch import BatchBusyError, BatchConfig, plan_batch, run_batch
 
     config = BatchConfig(Path(args.input), Path(args.output), stream=args.stream, sampling=sampling_overrides(args),
                          model_name=args.model_name, retry_errors=args.retry_errors, progress=not args.no_progress)

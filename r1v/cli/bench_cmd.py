@@ -96,6 +96,6 @@ def _on_off(value: str) -> bool | None:
 
 
 def _is_awq(model: str, quant: str | None) -> bool:
-    from r1v.runtime.resolve import resolve_model
+    from r1v.runtime.files.resolve import resolve_model
 
     return resolve_model(model, quant=quant).format == "awq"

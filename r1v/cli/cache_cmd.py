@@ -1,7 +1,7 @@
 """`r1v cache ls|clear`: the prefix cache on disk (llama.cpp states after prompts with images).
 
 Entries are written by `r1v.load(...)` models (LoadOptions.prefix_cache, on by default) and reused by later
-questions about the same images, in any process; see `r1v.runtime.prefix_cache`.
+questions about the same images, in any process; see `r1v.runtime.backends.llamacpp.prefix_cache`.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def _size(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1v.runtime.prefix_cache import PrefixStore, default_cache_dir
-    from r1v.runtime.tile_budget import RATES_FILE, RateStore
+    from r1v.runtime.backends.llamacpp.prefix_cache import PrefixStore, default_cache_dir
+    from r1v.runtime.backends.llamacpp.tile_budget import RATES_FILE, RateStore
 
     directory = args.dir or default_cache_dir()
     store = PrefixStore(directory)

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from r1v.cli.generate_cmd import load_options, print_stream, report, sampling_overrides
     from r1v.runtime.api import load
     from r1v.runtime.image import ImageError, load_image
-    from r1v.runtime.mtmd import MtmdError
+    from r1v.runtime.backends.llamacpp.mtmd import MtmdError
 
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": args.system}] if args.system else []

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from r1v.cli.generate_cmd import load_options
     from r1v.runtime.api import load
-    from r1v.runtime.evaluation import evaluate, read_items, write_report
+    from r1v.apps.evaluation import evaluate, read_items, write_report
 
     items = read_items(args.data, args.limit)
     if not items:

@@ -150,7 +150,7 @@ def report(result: Any, show_reasoning: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from r1v.runtime.api import load
-    from r1v.runtime.mtmd import MtmdError
+    from r1v.runtime.backends.llamacpp.mtmd import MtmdError
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip() and not args.image:

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from r1v.converters.checkpoint import load_checked_config
-    from r1v.runtime.plan import format_plan, plan_memory
+    from r1v.runtime.files.plan import format_plan, plan_memory
 
     if args.context <= 0:
         raise ValueError(f"--context must be positive, got {args.context}")

@@ -52,13 +52,13 @@ def _model_name(source: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from r1v.runtime.serve.app import ServerConfig, bind_socket, serve
+        from r1v.apps.serve.app import ServerConfig, bind_socket, serve
     except ImportError as e:
         print(f"r1v serve: error: {e.name or e} is missing; install the server extra: pip install 'r1v-edge[server]'",
               file=sys.stderr)
         return 2
     from r1v.runtime.api import load
-    from r1v.runtime.serve.protocol import ServerLimits
+    from r1v.apps.serve.protocol import ServerLimits
 
     if args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1v.runtime.viewer import ViewerBindError, serve_viewer
+    from r1v.apps.viewer import ViewerBindError, serve_viewer
 
     try:
         serve_viewer(args.results, args.host, args.port, open_browser=args.open, image_root=args.image_root)

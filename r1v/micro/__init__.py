@@ -37,6 +37,6 @@ def build(quant: str | None = None) -> Path:
 
 def register() -> None:
     """Make `r1v.load("micro-r1v")` (and every command taking a model name) find the demo model."""
-    from r1v.runtime.resolve import register_local_model
+    from r1v.runtime.files.resolve import register_local_model
 
     register_local_model(NAME, build)

@@ -54,7 +54,7 @@ def load_reference(path: str | Path, dtype: Any = None):
     import torch
     from tokenizers import Tokenizer
 
-    from r1v.runtime.torch_ref import R1VModel
+    from r1v.runtime.model import R1VModel
 
     model = R1VModel.from_checkpoint(path, dtype=dtype or torch.float32)
     return model, Tokenizer.from_file(str(Path(path) / "tokenizer.json"))

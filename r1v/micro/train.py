@@ -22,7 +22,7 @@ from torch import nn
 
 from r1v.converters.config import parse_config
 from r1v.runtime.image import TilingConfig, prepare_image
-from r1v.runtime.torch_ref import R1VModel, apply_rope
+from r1v.runtime.model import R1VModel, apply_rope
 
 from . import task
 from .build import build_micro_tokenizer, encode, micro_config, prompt_text, special_ids, write_checkpoint

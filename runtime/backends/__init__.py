@@ -7,5 +7,7 @@ A backend offers: `path`, `mmproj_path`, `n_ctx`, `chat_template` (the file's ow
 yields `(token_id, piece_bytes, is_end)`; `run.stats` holds counts and timings; `run.close()` stops it),
 `reset()` and `close()`.
 
-- `llamacpp`: GGUF + mmproj through llama-cpp-python's low-level bindings and libmtmd (CPU).
+- `llamacpp/`: GGUF + mmproj through llama-cpp-python's low-level bindings and libmtmd (CPU).
+- `awq/`: AutoAWQ GEMM checkpoints on torch (int4 kernels, Triton on CUDA, a pure-torch path elsewhere).
+- `prompt`: what both share: prompt pieces, image slots, the run and its stats.
 """

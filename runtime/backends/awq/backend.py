@@ -8,10 +8,10 @@ Same interface as the llama.cpp backend (`path`, `n_ctx`, `chat_template`, `spec
   Kernels (`kernel=` option): "auto" is torch's own int4 kernels where the torch build has them ("int4": CPU,
   NVIDIA GPUs of sm80+; weights repacked at load, see `int4`), else Triton on CUDA, else the pure-torch dequantize
   path; "triton", "torch", or "dense" for the model dequantized once to plain fp linears.
-- KV cache: static, preallocated for `n_ctx` positions at load (`torch_ref.KVCache`). The backend remembers what
+- KV cache: static, preallocated for `n_ctx` positions at load (`model.KVCache`). The backend remembers what
   sits at each position (token ids; image embeddings as (image key, index)); a new prompt keeps the longest
   common prefix and evaluates the rest, as the llama.cpp backend does.
-- Decode: one token at a time with fixed shapes (`torch_ref.decode.StaticDecoder`), on a GPU as CUDA graphs
+- Decode: one token at a time with fixed shapes (`model.decode.StaticDecoder`), on a GPU as CUDA graphs
   captured at load together with a warm-up of the prompt and vision kernels, so neither the first request nor a
   new sequence length meets first-time costs (R1V_CUDA_GRAPHS=0: eager steps).
 - Prefill: chunks of at most `n_batch` positions, text and image positions alike (so a 12-tile image, 3,328
@@ -41,8 +41,8 @@ from r1v.converters.checkpoint import open_checkpoint
 
 from ...options import ContextOverflowError, LoadOptions, SamplingParams
 from ...image import TilingConfig, choose_grid, load_image, normalize, tile_image
-from ...torch_ref import KVCache, extract_feature
-from ...torch_ref.decode import StaticDecoder
+from ...model import KVCache, extract_feature
+from ...model.decode import StaticDecoder
 from ..prompt import ImageSlot, Prompt, Run, RunStats, TextPiece, interleave, tokenize_pieces, wrap_text_pieces
 from . import int4, kernels
 from .loader import KERNELS, LoadedAWQ, load_awq, weight_bytes
@@ -319,7 +319,7 @@ class AWQBackend:
         return logits
 
     def _step(self, token: int) -> torch.Tensor:
-        """One decode step: fixed shapes (a replayed CUDA graph on the GPU), see `torch_ref.decode`."""
+        """One decode step: fixed shapes (a replayed CUDA graph on the GPU), see `model.decode`."""
         logits = self.decoder.step(self._embed_tokens((token,)))
         self._kv.append(token)
         return logits

@@ -1,13 +1,13 @@
-"""Build the torch reference model (`r1v.runtime.torch_ref.R1VModel`) from an AutoAWQ GEMM checkpoint.
+"""Build the torch reference model (`r1v.runtime.model.R1VModel`) from an AutoAWQ GEMM checkpoint.
 
 Every `<prefix>.qweight/.qzeros/.scales` triple becomes an `Int4Linear` (kernel "int4": repacked once for torch's
 int4 kernels) or an `AWQLinear` reading the stored tensors as they are (kernels "triton" / "torch", and the shapes
 torch's int4 kernel cannot take); `<prefix>.int8_weight/.int8_scale` an `Int8Linear`; every other tensor is loaded
-by its name, as `torch_ref.load_weights` does. Tensors are read one at a time from the memory-mapped shards and copied
+by its name, as `model.load_weights` does. Tensors are read one at a time from the memory-mapped shards and copied
 straight to their device.
 
 Placement (what goes where, at what precision) is `awq[vision=fp16|int8|int4,embed=gpu|cpu]`, the keys of
-`r1v plan` (`runtime/plan.py`): the vision tower's linears are quantized at load when the placement asks for
+`r1v plan` (`runtime/files/plan.py`): the vision tower's linears are quantized at load when the placement asks for
 fewer bits than stored (never more: an int4 tower stays int4), and `embed=cpu` keeps the token embedding table
 in host memory (each step copies its rows to the device). It comes from, in order: an explicit `placement`; a
 `device_memory` budget (`best_placement` for the context size); the CUDA device's total memory; on CPU, the
@@ -27,9 +27,9 @@ from torch import nn
 from r1v.converters.checkpoint import Checkpoint, open_checkpoint
 from r1v.converters.errors import CheckpointError
 
-from ...plan import EMBED_PLACES, GiB, VISION_FORMATS, PlanEntry, awq_key, best_placement, plan_memory
-from ...torch_ref import IMG_CONTEXT, R1VModel
-from ...torch_ref.model import stored_to_torch
+from ...files.plan import EMBED_PLACES, GiB, VISION_FORMATS, PlanEntry, awq_key, best_placement, plan_memory
+from ...model import IMG_CONTEXT, R1VModel
+from ...model.multimodal import stored_to_torch
 from . import int4, kernels
 from .qlinear import AWQLinear, Int4Linear, Int8Linear, awq_group_size_for, awq_linear_for, dense_linear
 

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .image import TilingConfig, choose_grid
+from ...image import TilingConfig, image_tiles
 from .prefix_cache import PrefixCacheWarning, default_cache_dir
 
-__all__ = ["CostModel", "RateStore", "Rates", "TileChoice", "estimate_seconds", "image_tiles", "measure_rates",
+__all__ = ["CostModel", "RateStore", "Rates", "TileChoice", "estimate_seconds", "measure_rates",
            "pick_tiles"]
 
 RATES_FILE = "rates.json"
@@ -62,12 +62,6 @@ def estimate_seconds(rates: Rates, cost: CostModel, tiles: Sequence[int], text_t
     n = text_tokens + sum(tiles) * cost.tokens_per_tile
     return (rates.encode_seconds_per_tile * sum(tiles)
             + rates.prefill_seconds_per_gflop * cost.prefill_flops(0, n) / 1e9)
-
-
-def image_tiles(width: int, height: int, cfg: TilingConfig) -> int:
-    """Tiles InternVL's tiling gives a width x height image (the thumbnail included)."""
-    cols, rows = choose_grid(width, height, cfg)
-    return cols * rows + int(cfg.use_thumbnail and cols * rows != 1)
 
 
 @dataclass(frozen=True)

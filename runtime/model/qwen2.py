@@ -77,7 +77,7 @@ class StaticStep:
     """A one-token decode step with fixed shapes: the token sits at `position` (int64 [1], on the device) and attends
     to the first `span` cache positions, of which `mask` ([1, span] bool) shows those <= position. Nothing in it
     depends on a host value, so one step per span can be captured as a CUDA graph and replayed at any position
-    (`torch_ref.decode.StaticDecoder`); the cache's `length` is not touched (the caller advances it)."""
+    (`model.decode.StaticDecoder`); the cache's `length` is not touched (the caller advances it)."""
 
     position: torch.Tensor
     span: int

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:  # image.py (PIL, numpy) is imported only where images are checked
-    from ..image import TilingConfig
+    from r1v.runtime.image import TilingConfig
 
 __all__ = [
     "APIError", "ChatRequest", "ImageLayout", "ServerLimits", "check_images", "chunk_response", "completion_id",
@@ -247,7 +247,7 @@ def _local_image(url: str, scheme: str, param: str, root: Path | None) -> Path:
 def _messages(body: Mapping[str, Any], limits: ServerLimits,
               images: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """The messages in the runtime's form; appends (param, source) of each image to `images`."""
-    from ..chat import normalize_messages
+    from r1v.runtime.chat import normalize_messages
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -291,7 +291,7 @@ class ImageLayout:
     tags: int = 2
 
     def positions(self, width: int, height: int) -> int:
-        from ..tile_budget import image_tiles
+        from r1v.runtime.image import image_tiles
 
         tiles = image_tiles(width, height, self.tiling) if self.tiling is not None else 1
         return tiles * self.tokens_per_tile + self.tags
@@ -309,7 +309,7 @@ def check_images(request: ChatRequest, limits: ServerLimits, layout: ImageLayout
     unreadable one (400 invalid_image), pixels beyond `limits.max_request_pixels` together (413 image_too_large),
     positions beyond the context (400). The backend decodes only what passed. Reads each image's bytes once
     (base64 decoded, a file read) and keeps nothing."""
-    from ..image import ImageError, image_size
+    from r1v.runtime.image import ImageError, image_size
 
     images = request.images
     if not images:
@@ -423,7 +423,7 @@ def chunk_response(id: str, created: int, model: str, delta: dict[str, Any] | No
 
 def error_from_exception(error: BaseException) -> APIError:
     """The client's view of an exception from loading images, rendering or generating."""
-    from ..options import ContextOverflowError, NoProjectorError
+    from r1v.runtime.options import ContextOverflowError, NoProjectorError
 
     if isinstance(error, APIError):
         return error

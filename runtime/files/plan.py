@@ -19,11 +19,11 @@ from typing import Iterator
 
 import gguf
 
-from ..converters.config import R1VConfig
-from ..converters.gguf_common import QType, storage_type
-from ..converters.gguf_llm import gguf_tensor_name
-from ..converters.gguf_mmproj import MMPROJ_TYPES, gguf_names
-from ..converters.gguf_mmproj import tensor_type as mmproj_tensor_type
+from r1v.converters.config import R1VConfig
+from r1v.converters.gguf_common import QType, storage_type
+from r1v.converters.gguf_llm import gguf_tensor_name
+from r1v.converters.gguf_mmproj import MMPROJ_TYPES, gguf_names
+from r1v.converters.gguf_mmproj import tensor_type as mmproj_tensor_type
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -11,7 +11,7 @@ KV cache: the backend remembers what sits in the cache position by position (tok
 evaluates only what follows; image embeddings are encoded only for images that are not in the kept prefix,
 and kept (a few images, LRU) for later requests.
 
-Prefix cache (`LoadOptions.prefix_cache`, `r1v.runtime.prefix_cache`): after the last image of a prompt is
+Prefix cache (`LoadOptions.prefix_cache`, `r1v.runtime.backends.llamacpp.prefix_cache`): after the last image of a prompt is
 evaluated, the sequence state up to the end of that image (llama.cpp's `llama_state_seq_get_data`) is kept in
 memory and written to disk in the background, keyed by the model files, the context settings, the tokens and
 the images (pixels and tiling) before it. A later request - in this process after other conversations, or in
@@ -21,7 +21,7 @@ starts a new batch anyway, so the restored cache holds exactly the numbers a fre
 greedy outputs are the same with and without it.
 
 Tile budget (`LoadOptions.image_budget`, or per request): the largest max_tiles whose estimated prompt time
-fits, from this machine's measured encode and prefill rates (`r1v.runtime.tile_budget`).
+fits, from this machine's measured encode and prefill rates (`r1v.runtime.backends.llamacpp.tile_budget`).
 
 Sampling: llama.cpp's sampler chain - penalties, top-k, top-p, min-p, temperature, seeded distribution, or
 greedy at temperature 0 - run by llama.cpp on the logits of the last position (`llama_sampler_sample`).
@@ -53,15 +53,15 @@ from gguf import Keys
 
 from llama_cpp import llama_cpp as _ll
 
-from ..options import ContextOverflowError, LoadOptions, MismatchedProjectorError, NoProjectorError, SamplingParams
-from ..image import TilingConfig, choose_grid, load_image, tile_image
-from ..llama_batch import DecodeError, LlamaBatch, decode
-from ..mtmd import MtmdContext, MtmdError, TextModel, rgb_array
-from .prompt import ImageSlot, Prompt, Run, RunStats, TextPiece, interleave, tokenize_pieces, wrap_text_pieces
-from ..gguf_header import GGUFHeader, read_gguf_header
-from ..prefix_cache import (DEFAULT_MAX_BYTES, PrefixCacheWarning, PrefixHasher, PrefixStore, default_cache_dir,
+from ...options import ContextOverflowError, LoadOptions, MismatchedProjectorError, NoProjectorError, SamplingParams
+from ...image import TilingConfig, choose_grid, load_image, tile_image
+from .llama_batch import DecodeError, LlamaBatch, decode
+from .mtmd import MtmdContext, MtmdError, TextModel, rgb_array
+from ..prompt import ImageSlot, Prompt, Run, RunStats, TextPiece, interleave, tokenize_pieces, wrap_text_pieces
+from .gguf_header import GGUFHeader, read_gguf_header
+from .prefix_cache import (DEFAULT_MAX_BYTES, PrefixCacheWarning, PrefixHasher, PrefixStore, default_cache_dir,
                             file_identity)
-from ..tile_budget import RATES_FILE, CostModel, Rates, RateStore, TileChoice, measure_rates, pick_tiles
+from .tile_budget import RATES_FILE, CostModel, Rates, RateStore, TileChoice, measure_rates, pick_tiles
 
 __all__ = ["LlamaCppBackend", "check_same_source"]
 

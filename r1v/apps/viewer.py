@@ -34,7 +34,7 @@ from typing import Any
 
 from .batch import OUTPUT_KEY
 from .evaluation import answers_match
-from .reasoning import final_answer, parse_rounds, split_reasoning
+from r1v.runtime.reasoning import final_answer, parse_rounds, split_reasoning
 
 __all__ = ["ViewerBindError", "ViewerServer", "load_results", "serve_viewer"]
 
@@ -44,7 +44,7 @@ class ViewerBindError(OSError):
 
 
 def _page() -> bytes:
-    return resources.files("r1v.runtime").joinpath("viewer.html").read_bytes()
+    return resources.files("r1v.apps").joinpath("viewer.html").read_bytes()
 
 
 OUTSIDE_ROOT = "outside the image root"

@@ -1,6 +1,6 @@
 """OpenAI-compatible serving of a loaded model: `/v1/chat/completions` (plain and SSE), `/v1/models`, `/health`.
 
-    from r1v.runtime.serve import ServerConfig, create_app, serve
+    from . import ServerConfig, create_app, serve
     serve([r1v.load("model.gguf")], ServerConfig(model_name="r1v"), port=8000)
 
 `protocol` is the wire format (pure Python, shared with `r1v batch`), `slots` runs generations in worker

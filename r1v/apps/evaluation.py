@@ -25,7 +25,7 @@ import numpy as np
 
 from r1v.converters.jsonl import read_jsonl
 
-from .reasoning import final_answer
+from r1v.runtime.reasoning import final_answer
 
 __all__ = ["EvalItem", "EvalReport", "ItemResult", "answers_match", "evaluate", "kl_and_agreement", "read_items"]
 

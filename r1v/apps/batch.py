@@ -39,8 +39,8 @@ from typing import Any, Callable, TextIO
 
 from r1v.converters.jsonl import read_jsonl, text_lines
 
-from .chat import starts_in_reasoning
-from .reasoning import final_answer
+from r1v.runtime.chat import starts_in_reasoning
+from r1v.runtime.reasoning import final_answer
 from .serve.protocol import chunk_response, completion_id, completion_response, usage
 
 __all__ = ["BatchBusyError", "BatchConfig", "BatchPlan", "BatchSummary", "JsonlAppender", "OUTPUT_KEY", "OutputLock",

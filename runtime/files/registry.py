@@ -1,8 +1,8 @@
 """The registry of known models (models.yaml, beside pyproject.toml), loaded into validated dataclasses.
 
 In a source checkout or an editable install the file is the repository's top-level models.yaml; a built wheel
-carries it as r1v/models.yaml (pyproject.toml's package-data). Both are `MODELS_YAML`: the folder above this
-package's, plus models.yaml.
+carries it as r1v/models.yaml (pyproject.toml's package-data). Both are `MODELS_YAML`: models.yaml in the folder
+that holds runtime/.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import yaml
 from r1v.converters.resources import chat_template
 from r1v.converters.schema import from_dict
 
-from .options import SamplingParams
+from ..options import SamplingParams
 
-MODELS_YAML = Path(__file__).resolve().parents[1] / "models.yaml"
+MODELS_YAML = Path(__file__).resolve().parents[2] / "models.yaml"
 
 FORMATS = ("safetensors", "awq", "gguf")
 
