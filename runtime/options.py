@@ -59,6 +59,9 @@ class LoadOptions:
     extra_buffers: GGUF only: llama.cpp's extra weight buffer types (CPU_REPACK, AMX). None: on, except where
     llama.cpp's CPU backend has AMX, whose matrix product crashes on many hosts ($R1V_LLAMA_AMX=1 allows it);
     True: on (AMX included); False: off (llama.cpp's --no-repack). See runtime/backends/llamacpp/llama_params.py.
+    n_gpu_layers: GGUF only: layers llama.cpp offloads to the GPU (llama_model_params.n_gpu_layers, llama.cpp's
+    -ngl), the output layer counting as one: 0 none (the default), -1 all; needs a llama-cpp-python built with
+    CUDA or Metal (a CPU build says once that it has no effect). `r1v plan CKPT -ngl N` shows the split.
 
     AWQ checkpoints only (`backends.awq`): device ("cuda", "cuda:1", "cpu"; default CUDA when there is one);
     device_memory: the memory budget ("24GB" = 24 GiB, or bytes) from which `r1v plan` picks the placement,
@@ -88,6 +91,7 @@ class LoadOptions:
     prefix_cache_max_bytes: int | None = None
     image_budget: float | None = None
     extra_buffers: bool | None = None
+    n_gpu_layers: int = 0
     device: str | None = None
     device_memory: int | str | None = None
     placement: str | None = None
@@ -104,6 +108,8 @@ class LoadOptions:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.tiling not in ("internvl", "llamacpp"):
             raise ValueError(f"tiling must be 'internvl' or 'llamacpp', got {self.tiling!r}")
+        if self.n_gpu_layers < -1:
+            raise ValueError(f"n_gpu_layers must be >= -1 (-1: all layers), got {self.n_gpu_layers}")
         if self.image_cache < 0:
             raise ValueError(f"image_cache must be >= 0, got {self.image_cache}")
         if self.prefix_cache_max_bytes is not None and self.prefix_cache_max_bytes < 0:

@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 
+from r1v.cli.conventions import Parser, example
 from r1v.converters.errors import CheckpointError
 
 # name -> (module under r1v.cli, one-line help)
@@ -34,17 +35,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     from r1v import __version__
 
-    parser = argparse.ArgumentParser(prog="r1v", description="Convert and run Skywork-R1V models off the datacenter.")
+    parser = Parser(prog="r1v", description="Convert and run Skywork-R1V models off the datacenter.",
+                    epilog=example("r1v demo", "r1v generate model.gguf --image cat.png -p 'How many cats?'",
+                                   "r1v COMMAND --help"))
     parser.add_argument("--version", action="version", version=f"r1v-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(f"r1v.cli.{module}")
+        # each module's EXAMPLES: its --help ends with them (tests parse every one)
+        cmd = sub.add_parser(name, help=help_text, description=help_text, epilog=getattr(mod, "EXAMPLES", None))
         cmd.set_defaults(_module=module)
-        importlib.import_module(f"r1v.cli.{module}").add_arguments(cmd)
+        mod.add_arguments(cmd)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # bare `r1v`: the help on stdout and status 0, as `ollama` does (git prints it and exits 1)
+        build_parser().print_help()
+        return 0
     args = build_parser().parse_args(argv)
     module = importlib.import_module(f"r1v.cli.{args._module}")
     try:

@@ -10,22 +10,37 @@ import argparse
 import sys
 from typing import Any, Iterable, TextIO
 
+from r1v.cli.conventions import add_model_positional, example, quant_name
+
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+EXAMPLES = example("r1v generate micro-r1v --image r1v/micro/demo.png -p 'How many shapes are red?'",
+                   "r1v generate -m model-q4_k_m.gguf --image a.png -p 'Describe it' -c 16384 -t 8 -n 4096 --temp 0.6",
+                   "echo 'What is 17*23?' | r1v generate micro-r1v --show-reasoning")
+MODEL_HELP = "a .gguf file (mmproj found beside it), a model directory, or a models.yaml name"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """MODEL and the load options (shared with `r1v chat`)."""
-    parser.add_argument("model", help="a .gguf file (mmproj found beside it), a model directory, or a models.yaml name")
+def add_model_arguments(parser: argparse.ArgumentParser, ctx_aliases: tuple[str, ...] = ()) -> None:
+    """MODEL and the load options (shared with `r1v chat`, `serve`, `batch`, `eval`). `ctx_aliases`: more
+    spellings of --n-ctx (serve adds vLLM's --max-model-len)."""
+    add_model_positional(parser, MODEL_HELP)
     load = parser.add_argument_group("loading (LoadOptions)")
-    load.add_argument("--quant", default=None, help="GGUF quant to pick in a directory or repository (e.g. q4_k_m)")
+    load.add_argument("--quant", type=quant_name, default=None,
+                      help="GGUF quant to pick in a directory or repository (e.g. q4_k_m or Q4_K_M)")
     load.add_argument("--mmproj", default=None, help="vision projector file, when not found beside the model")
     load.add_argument("--allow-mismatched-mmproj", action="store_true", default=None,
                       help="load a projector whose provenance names another checkpoint than the model's")
-    load.add_argument("--n-ctx", type=int, default=8192, help="context window in tokens (default 8192)")
-    load.add_argument("--n-threads", "--threads", dest="n_threads", type=int, default=None,
+    load.add_argument("--n-ctx", "-c", "--ctx-size", *ctx_aliases, dest="n_ctx", type=int, metavar="N", default=8192,
+                      help="context window in tokens, prompt and output together (default %(default)s)")
+    load.add_argument("--n-threads", "-t", "--threads", dest="n_threads", type=int, metavar="N", default=None,
                       help="decoding threads (default: half the CPUs)")
-    load.add_argument("--n-threads-batch", type=int, default=None, help="prompt/image threads (default: all CPUs)")
-    load.add_argument("--n-batch", type=int, default=512, help="prompt tokens per llama.cpp batch")
+    load.add_argument("--n-threads-batch", "-tb", "--threads-batch", dest="n_threads_batch", type=int, metavar="N",
+                      default=None, help="prompt/image threads (default: all CPUs)")
+    load.add_argument("--n-batch", "-b", "--batch-size", dest="n_batch", type=int, metavar="N", default=512,
+                      help="prompt tokens per llama.cpp batch")
+    load.add_argument("--n-gpu-layers", "-ngl", "--gpu-layers", dest="n_gpu_layers", type=int, default=None,
+                      metavar="N", help="GGUF: layers llama.cpp puts on the GPU, counting the output layer as one "
+                                        "(-1: all; default 0: none); needs llama-cpp-python built with CUDA or "
+                                        "Metal, `r1v plan CKPT -ngl N` shows the split")
     load.add_argument("--max-tiles", type=int, default=None, help="most 448-pixel tiles per image (default: model's)")
     load.add_argument("--image-budget", type=float, default=None, metavar="SECONDS",
                       help="time the prompt may take before the first token: images get the largest max_tiles whose "
@@ -49,13 +64,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     sampling = parser.add_argument_group("sampling (SamplingParams; defaults: the model's, from models.yaml)")
-    sampling.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    sampling.add_argument("--temperature", "--temp", dest="temperature", type=float, default=None,
+                          help="0 = greedy")
     sampling.add_argument("--top-p", type=float, default=None)
     sampling.add_argument("--top-k", type=int, default=None)
     sampling.add_argument("--min-p", type=float, default=None)
-    sampling.add_argument("--repetition-penalty", type=float, default=None)
-    sampling.add_argument("--seed", type=int, default=None)
-    sampling.add_argument("--max-tokens", type=int, default=None, help="most output tokens (capped by the context)")
+    sampling.add_argument("--repetition-penalty", "--repeat-penalty", dest="repetition_penalty", type=float,
+                          default=None)
+    sampling.add_argument("--seed", "-s", dest="seed", type=int, default=None)
+    sampling.add_argument("--max-tokens", "-n", "--n-predict", dest="max_tokens", type=int, default=None,
+                          help="most output tokens (capped by the context)")
     sampling.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
 
 
@@ -63,12 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[], metavar="IMG",
                         help="image file (repeatable; they come before the prompt, in order)")
-    parser.add_argument("--prompt", "-p", default=None, help="the question (default: read from stdin)")
+    parser.add_argument("--prompt", "-p", default=None,
+                        help="the question (default: read from stdin, up to Ctrl-D on a terminal)")
     parser.add_argument("--show-reasoning", action="store_true", help="print the reasoning, not only the answer")
     add_sampling_arguments(parser)
 
 
 LOAD_FIELDS = ("quant", "mmproj", "allow_mismatched_mmproj", "n_ctx", "n_threads", "n_threads_batch", "n_batch",
+               "n_gpu_layers",
                "max_tiles", "tiling", "chat_template", "cache_dir", "offline", "verbose", "image_budget", "prefix_cache",
                "prefix_cache_dir", "device", "kernel", "device_memory", "placement")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop")
@@ -148,11 +168,22 @@ def report(result: Any, show_reasoning: bool) -> None:
               "--show-reasoning to see its reasoning)", file=sys.stderr)
 
 
+STDIN_NOTICE = ("r1v generate: reading the question from the terminal; end it with Ctrl-D on an empty line "
+                "(Ctrl-Z Enter on Windows), or pass -p TEXT")
+
+
+def read_stdin_prompt() -> str:
+    """The question from stdin; on a terminal, first say so: a silent wait looks like a hang."""
+    if sys.stdin.isatty():
+        print(STDIN_NOTICE, file=sys.stderr, flush=True)
+    return sys.stdin.read()
+
+
 def run(args: argparse.Namespace) -> int:
     from r1v.runtime.api import load
     from r1v.runtime.backends.llamacpp.mtmd import MtmdError
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = args.prompt if args.prompt is not None else read_stdin_prompt()
     if not prompt.strip() and not args.image:
         raise ValueError("nothing to ask: give --prompt TEXT (or text on stdin) and/or --image IMG")
     try:

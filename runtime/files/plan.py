@@ -379,6 +379,7 @@ class MemoryPlan:
     params: ParamCounts
     kv_bytes_per_token: int
     entries: tuple[PlanEntry, ...]
+    offload: tuple[OffloadSplit, ...] = ()  # with n_gpu_layers: each LLM GGUF mix's GPU / CPU split
 
     @property
     def kv_bytes(self) -> int:
@@ -395,6 +396,8 @@ class MemoryPlan:
         out["kv_cache"] = {"bytes": self.kv_bytes, "bytes_per_token": self.kv_bytes_per_token}
         out["context"] = self.context
         out["params"] = self.params.to_json()
+        if self.offload:
+            out["gguf_offload"] = {f"gguf.llm.{o.mix}": o.to_json() for o in self.offload}
         return out
 
 
@@ -421,8 +424,9 @@ def _awq_entries(cfg: R1VConfig, context: int, gpu_overhead_bytes: int) -> Itera
 
 
 def plan_memory(cfg: R1VConfig, context: int = 8192, *,
-                gpu_overhead_bytes: int = GPU_RUNTIME_OVERHEAD_BYTES) -> MemoryPlan:
-    """Sizes of every GGUF file type and AWQ placement for `cfg` at `context` tokens of KV cache."""
+                gpu_overhead_bytes: int = GPU_RUNTIME_OVERHEAD_BYTES, n_gpu_layers: int | None = None) -> MemoryPlan:
+    """Sizes of every GGUF file type and AWQ placement for `cfg` at `context` tokens of KV cache; with
+    `n_gpu_layers`, also each LLM GGUF's split between GPU and CPU (llama.cpp's -ngl)."""
     if context < 0:
         raise ValueError(f"context must be >= 0, got {context}")
     kv = kv_bytes_per_token(cfg) * context
@@ -435,7 +439,68 @@ def plan_memory(cfg: R1VConfig, context: int = 8192, *,
         for name in MMPROJ_GGUF_TYPES
     ]
     entries += _awq_entries(cfg, context, gpu_overhead_bytes)
-    return MemoryPlan(context, count_params(cfg), kv_bytes_per_token(cfg), tuple(entries))
+    offload = () if n_gpu_layers is None else tuple(
+        gguf_offload_split(cfg, name, n_gpu_layers, context) for name in LLM_GGUF_MIXES)
+    return MemoryPlan(context, count_params(cfg), kv_bytes_per_token(cfg), tuple(entries), offload)
+
+
+# --- GGUF layers split between GPU and CPU (llama.cpp's -ngl) ---------------------------------------------------
+@dataclass(frozen=True)
+class OffloadSplit:
+    """Where llama.cpp puts an LLM GGUF's weights and KV cache for `n_gpu_layers` (llama-model.cpp,
+    load_tensors: the last `n_gpu_layers` of the n_layer + 1 "layers" go to the GPU, the output layer (final
+    norm + output.weight) counting as the last one; token_embd (the input layer) always stays on the CPU; each
+    layer's KV cache lives with its layer). Compute buffers are not counted."""
+
+    mix: str
+    n_gpu_layers: int  # as asked (-1: all)
+    gpu_layers: int  # decoder layers on the GPU
+    cpu_layers: int
+    output_on_gpu: bool
+    gpu_weights_bytes: int
+    cpu_weights_bytes: int
+    gpu_kv_bytes: int
+    cpu_kv_bytes: int
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.gpu_weights_bytes + self.gpu_kv_bytes
+
+    @property
+    def cpu_bytes(self) -> int:
+        return self.cpu_weights_bytes + self.cpu_kv_bytes
+
+    def to_json(self) -> dict[str, object]:
+        return {"n_gpu_layers": self.n_gpu_layers, "gpu_layers": self.gpu_layers, "cpu_layers": self.cpu_layers,
+                "output_on_gpu": self.output_on_gpu, "gpu_weights_bytes": self.gpu_weights_bytes,
+                "cpu_weights_bytes": self.cpu_weights_bytes, "gpu_kv_bytes": self.gpu_kv_bytes,
+                "cpu_kv_bytes": self.cpu_kv_bytes, "gpu_bytes": self.gpu_bytes, "cpu_bytes": self.cpu_bytes}
+
+
+def gguf_offload_split(cfg: R1VConfig, mix_name: str, n_gpu_layers: int, context: int = 8192) -> OffloadSplit:
+    """The GPU / CPU split of the LLM GGUF of mixture `mix_name` with llama.cpp's `n_gpu_layers` (-1: all)."""
+    if n_gpu_layers < -1:
+        raise ValueError(f"n_gpu_layers must be >= -1 (-1: all layers), got {n_gpu_layers}")
+    n_layers = cfg.llm.num_hidden_layers
+    asked = n_layers + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layers + 1)
+    first_gpu = n_layers + 1 - asked  # llama.cpp's i_gpu_start; the output layer is index n_layers
+    output_on_gpu = asked >= 1
+    gpu = cpu = 0
+    for name, (_, nbytes) in gguf_llm_tensors(cfg, mix_name).items():
+        m = _LAYER.match(name)
+        if m:
+            on_gpu = int(m.group(1)) >= first_gpu
+        elif name == "token_embd.weight":
+            on_gpu = False
+            if cfg.llm.tie_word_embeddings and output_on_gpu:  # llama.cpp duplicates it as the output matrix
+                gpu += nbytes
+        else:  # output.weight, output_norm.weight
+            on_gpu = output_on_gpu
+        gpu, cpu = (gpu + nbytes, cpu) if on_gpu else (gpu, cpu + nbytes)
+    gpu_layers = n_layers - min(first_gpu, n_layers)
+    kv_layer = kv_bytes_per_token(cfg) // n_layers * context
+    return OffloadSplit(mix_name, n_gpu_layers, gpu_layers, n_layers - gpu_layers, output_on_gpu, gpu, cpu,
+                        kv_layer * gpu_layers, kv_layer * (n_layers - gpu_layers))
 
 
 def best_placement(cfg: R1VConfig, device_memory_bytes: int, context: int = 8192, *,
@@ -475,6 +540,10 @@ def format_plan(plan: MemoryPlan) -> str:
         for size in COMMON_MEMORY_GIB:
             pick = next((e for e in awq if e.total_bytes <= size * GiB), None)
             lines.append(f"  {size:>2} GB: {pick.key if pick else 'none fits'}")
+    if plan.offload:
+        lines += ["", _offload_heading(plan), f"{'option':<29} {'GPU':>6} {'CPU':>6}  (weights + KV, GB)"]
+        for o in plan.offload:
+            lines.append(f"{'gguf.llm.' + o.mix:<29} {o.gpu_bytes / GB:>6.1f} {o.cpu_bytes / GB:>6.1f}")
     lines += [
         "",
         "GGUF on CPU loads one gguf.llm row and one gguf.mmproj row together; the fits column is per file.",
@@ -483,11 +552,25 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
+def _offload_heading(plan: MemoryPlan) -> str:
+    """llama.cpp's own count ("offloaded 40/65 layers to GPU": the output layer is one) and which ones."""
+    o = plan.offload[0]
+    n_layers = o.gpu_layers + o.cpu_layers
+    on_gpu = o.gpu_layers + o.output_on_gpu
+    parts = ([f"decoder layers {n_layers - o.gpu_layers}-{n_layers - 1}"] if o.gpu_layers else []) + \
+        (["the output layer"] if o.output_on_gpu else [])
+    where = " and ".join(parts) or "nothing"
+    return (f"GGUF with -ngl {o.n_gpu_layers} (n_gpu_layers): {on_gpu}/{n_layers + 1} layers on the GPU ({where}); "
+            f"{o.cpu_layers} decoder layers and token_embd on the CPU.\n"
+            "A GPU build of llama.cpp puts the mmproj on the GPU as well (libmtmd use_gpu); compute buffers "
+            "are not counted.")
+
+
 __all__ = [
     "AWQ_LLM", "AWQ_PLACEMENTS", "COMMON_MEMORY_GIB", "GPU_RUNTIME_OVERHEAD_BYTES", "GiB",
-    "LLM_GGUF_MIXES", "MMPROJ_GGUF_TYPES", "VISION_FORMATS", "GGUFMix", "LinearQuant", "MemoryPlan",
+    "LLM_GGUF_MIXES", "MMPROJ_GGUF_TYPES", "VISION_FORMATS", "GGUFMix", "LinearQuant", "MemoryPlan", "OffloadSplit",
     "ParamCounts", "PlanEntry", "awq_bytes", "awq_key", "best_placement", "count_params", "format_plan",
-    "ggml_block", "ggml_nbytes", "gguf_llm_bytes", "gguf_llm_tensors", "gguf_mmproj_bytes",
+    "ggml_block", "ggml_nbytes", "gguf_llm_bytes", "gguf_offload_split", "gguf_llm_tensors", "gguf_mmproj_bytes",
     "gguf_mmproj_tensors", "kv_bytes_per_token", "llm_gguf_name", "llm_gguf_tensor_type",
     "mmproj_gguf_tensors", "plan_memory", "smallest_fit", "use_more_bits",
 ]

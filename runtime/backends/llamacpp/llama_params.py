@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-__all__ = ["AMX_ENV", "BufferChoice", "allow_amx_from_env", "choose_buffers", "library_has_amx",
-           "llama_with_safe_buffers", "model_params", "open_llama", "system_info"]
+__all__ = ["AMX_ENV", "BufferChoice", "allow_amx_from_env", "choose_buffers", "gpu_layers", "library_has_amx",
+           "llama_with_safe_buffers", "model_params", "open_llama", "supports_gpu_offload", "system_info"]
 
 log = logging.getLogger("r1v.llama")
 
@@ -99,13 +99,40 @@ def _choice(extra_buffers: bool | None) -> BufferChoice:
     return choice
 
 
+@functools.lru_cache(maxsize=1)
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (CUDA, Metal, Vulkan...): llama_supports_gpu_offload."""
+    from llama_cpp import llama_cpp as _ll
+
+    return bool(_ll.llama_supports_gpu_offload())
+
+
+GPU_OFFLOAD_NOTICE = ("n_gpu_layers={n}: this llama-cpp-python is a CPU build (llama_supports_gpu_offload() is "
+                      "false), so every layer runs on the CPU; reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" "
+                      "(or -DGGML_METAL=on) to offload")
+_gpu_notice_given = False
+
+
+def gpu_layers(n_gpu_layers: int) -> int:
+    """The ``n_gpu_layers`` to hand llama.cpp (-1: all, which llama.cpp reads as any negative value). On a build
+    without GPU offload a request for layers is said once per process: llama.cpp itself ignores it silently."""
+    global _gpu_notice_given
+    if n_gpu_layers < -1:
+        raise ValueError(f"n_gpu_layers must be >= -1 (-1: all layers), got {n_gpu_layers}")
+    if n_gpu_layers != 0 and not _gpu_notice_given and not supports_gpu_offload():
+        _gpu_notice_given = True
+        log.warning(GPU_OFFLOAD_NOTICE.format(n=n_gpu_layers))
+    return n_gpu_layers
+
+
 def model_params(*, vocab_only: bool = False, n_gpu_layers: int = 0, extra_buffers: bool | None = None) -> Any:
-    """``llama_model_params`` with llama.cpp's defaults, the given fields, and the AMX guard applied."""
+    """``llama_model_params`` with llama.cpp's defaults, the given fields, and the AMX guard applied.
+    ``n_gpu_layers``: layers offloaded to the GPU (0: none, -1: all), as llama.cpp's ``-ngl``."""
     from llama_cpp import llama_cpp as _ll
 
     params = _ll.llama_model_default_params()
     params.vocab_only = vocab_only
-    params.n_gpu_layers = n_gpu_layers
+    params.n_gpu_layers = gpu_layers(n_gpu_layers)
     params.use_extra_bufts = _choice(extra_buffers).use_extra_bufts
     return params
 

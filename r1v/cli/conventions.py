@@ -1,0 +1,96 @@
+"""What every `r1v` subcommand shares on the command line: the parser class (defaults and an example in every
+`--help`), the MODEL argument (positional, or `-m MODEL` as llama.cpp spells it) and quant names in any case.
+
+The canonical long flag of each option stays the Python argument's name (`--n-ctx` is `LoadOptions.n_ctx`);
+the spellings people know from llama.cpp (`-c/--ctx-size`, `-t`, `-n/--n-predict`, `--temp`, `-ngl`) and
+vLLM (`--max-model-len`) are extra option strings of the same option, so they land in the same field.
+Imports only argparse: `r1v --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+__all__ = ["HelpFormatter", "Parser", "add_model_positional", "example", "quant_name"]
+
+Check = Callable[[argparse.Namespace, "Parser"], None]
+
+# Actions whose default says nothing a reader needs (a flag's off state, a sub-command's dest).
+_NO_DEFAULT_SHOWN = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+                     argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction,
+                     argparse._AppendConstAction, argparse._CountAction)
+
+
+def format_default(value: Any) -> str:
+    """A default as a user would type it: lists space-separated, paths as text."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "none"
+    return str(value)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help with each option's default appended (as ArgumentDefaultsHelpFormatter does) where the
+    default means something (not None, not a flag's off state) and the help text does not already say it; the
+    description and the examples (epilog) keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.help is argparse.SUPPRESS or "%(default)" in text or "default" in text.lower():
+            return text
+        if isinstance(action, _NO_DEFAULT_SHOWN) or action.default is None or action.default == [] \
+                or action.default is argparse.SUPPRESS:
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        shown = format_default(action.default).replace("%", "%%")
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose sub-parsers (argparse makes them of the parent's class) use HelpFormatter, and
+    which runs `checks` after parsing: rules that span several options (MODEL given once, as positional or -m)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.checks: list[Check] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        for check in self.checks:
+            check(namespace, self)
+        return namespace, extras
+
+
+def example(*lines: str) -> str:
+    """An epilog of example command lines (each is parsed by tests/test_cli_conventions.py)."""
+    head = "example:" if len(lines) == 1 else "examples:"
+    return "\n".join([head, *(f"  {line}" for line in lines)])
+
+
+def quant_name(text: str) -> str:
+    """A quant type as argparse `type=`: llama.cpp and Hugging Face write Q4_K_M, our files q4_k_m; both work."""
+    return text.strip().lower()
+
+
+_MODEL_OPTION = "model_option"
+
+
+def add_model_positional(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """MODEL as the first positional argument, or as `-m/--model MODEL` (llama.cpp's spelling); either lands in
+    `args.model`. Giving neither, or both, is a usage error."""
+    parser.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL", help=help_text)
+    parser.add_argument("-m", "--model", dest=_MODEL_OPTION, default=argparse.SUPPRESS, metavar="MODEL",
+                        help="MODEL given as an option, as llama.cpp's tools take it")
+    if isinstance(parser, Parser):
+        parser.checks.append(_one_model)
+
+
+def _one_model(args: argparse.Namespace, parser: Parser) -> None:
+    option = vars(args).pop(_MODEL_OPTION, None)
+    if option is not None and hasattr(args, "model"):
+        parser.error(f"MODEL given twice ({args.model!r} and -m {option!r}): give it once")
+    if option is not None:
+        args.model = option
+    if not hasattr(args, "model"):
+        parser.error("the following arguments are required: MODEL (or -m MODEL)")
