@@ -125,7 +125,8 @@ class LlamaCppBackend:
         if self._mmproj_header is not None and not options.allow_mismatched_mmproj:
             check_same_source(self._header, self._mmproj_header)
         # MtmdError if llama.cpp cannot load it
-        self._text = TextModel(self.path, extra_buffers=options.extra_buffers, verbose=options.verbose)
+        self._text = TextModel(self.path, n_gpu_layers=options.n_gpu_layers, extra_buffers=options.extra_buffers,
+                               verbose=options.verbose)
         try:
             self._open(options)
         except BaseException:
