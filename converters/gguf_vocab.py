@@ -11,8 +11,10 @@ tokenizer_config.json, generation_config.json and llm_config), never from memory
 - BOS/EOS/PAD/UNK ids: generation_config, then llm_config, then tokenizer_config (stock llama.cpp drops a
   BOS that only llm_config carries; we keep it). EOT is `<|im_end|>` (or DeepSeek's end of sentence).
 - the chat template is the checkpoint's, else the caller's, else the family's; it is checked with jinja2 to
-  accept message content given as a list of parts (llama-cpp-python's multimodal handler passes lists)
-  and wrapped with a small preamble that joins the parts when it does not.
+  render what stock llama.cpp clients give it as r1v renders the same messages - content as a list of parts
+  (llama-cpp-python's multimodal handler), a media marker where an image goes (`<__media__>`, with no
+  newline after it: the model wants one after `</img>`) - and wrapped with a small preamble that joins the
+  parts and adds the newline when it does not.
 """
 from __future__ import annotations
 
@@ -39,20 +41,44 @@ REQUIRED_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")
 EOT_TOKENS = ("<|im_end|>", "<｜end▁of▁sentence｜>")
 DEFAULT_CHAT_TEMPLATE = "chatml-think"
 
-# Joins list-of-parts content into a string before a template that only handles strings sees it.
-# Only role and content are kept for such messages; string-content messages pass through untouched.
+# What stock llama.cpp clients hand a template where an image goes: a media marker (llama-cpp-python's
+# MTMDChatHandler and llama-mtmd-cli: <__media__>; llama-server: <__media_XXXX__>), as a text part of a list
+# or inside a string, with no newline after it. libmtmd turns the marker into <img>...</img>; the model was
+# trained on <img>...</img> then a newline (r1v renders each image as "<image>\n"), so the template must add it.
+MEDIA_MARKER = "<__media__>"
+SERVER_MEDIA_MARKER = "<__media_r1v0__>"  # the shape of llama-server's random marker
+
+# Makes any string-rendering template right for stock clients: each message's content becomes one string
+# (list parts joined, an image part as <image>\n) with a newline after each media marker that lacks one.
+# String-content messages without a marker pass through untouched (all their keys kept); others keep only
+# role and content. The marker macro is the one the shipped templates (converters/chat_templates) carry.
 LIST_CONTENT_PREAMBLE = """\
-{#- r1v-edge: message content may be a list of parts (text / image); join it into a string. -#}
+{#- r1v-edge: message content as one string, as the model was trained: list-of-parts content joined (an image
+    part becomes <image>\\n), and a newline after each llama.cpp media marker (<__media...__>) that lacks one. -#}
+{%- macro _r1v_media(text) -%}
+{%- for piece in text.split('<__media') -%}
+{%- if loop.first -%}{{- piece -}}
+{%- else -%}
+{%- set ends = piece.split('__>', 1) -%}
+{%- if ends | length == 2 -%}
+{{- '<__media' + ends[0] + '__>' + ('' if ends[1].startswith('\\n') else '\\n') + ends[1] -}}
+{%- else -%}{{- '<__media' + piece -}}{%- endif -%}
+{%- endif -%}
+{%- endfor -%}
+{%- endmacro -%}
 {%- set _r1v = namespace(messages=[]) -%}
 {%- for _m in messages -%}
-{%- if _m['content'] is string or _m['content'] is none -%}
+{%- if _m['content'] is none or (_m['content'] is string and '<__media' not in _m['content']) -%}
 {%- set _r1v.messages = _r1v.messages + [_m] -%}
 {%- else -%}
 {%- set _text = namespace(s='') -%}
+{%- if _m['content'] is string -%}{%- set _text.s = _m['content'] -%}
+{%- else -%}
 {%- for _p in _m['content'] -%}
 {%- set _text.s = _text.s + (_p['text'] if _p['type'] == 'text' else '<image>\\n') -%}
 {%- endfor -%}
-{%- set _r1v.messages = _r1v.messages + [{'role': _m['role'], 'content': _text.s}] -%}
+{%- endif -%}
+{%- set _r1v.messages = _r1v.messages + [{'role': _m['role'], 'content': _r1v_media(_text.s)}] -%}
 {%- endif -%}
 {%- endfor -%}
 {%- set messages = _r1v.messages -%}
@@ -248,7 +274,7 @@ def _special_ids(ckpt: Checkpoint, ids: dict[str, int], n_vocab: int) -> dict[st
 # --- chat template -----------------------------------------------------------------------------------------
 def resolve_chat_template(ckpt: Checkpoint, fallback: str | None = None) -> str:
     """The checkpoint's template, else `fallback` (a shipped template name or Jinja text), else the family's;
-    made to accept list-of-parts message content."""
+    made to render list-of-parts content and media markers as the model expects (`accept_list_content`)."""
     template = ckpt.tokenizer.chat_template
     if not template:
         template = fallback or DEFAULT_CHAT_TEMPLATE
@@ -261,13 +287,15 @@ def resolve_chat_template(ckpt: Checkpoint, fallback: str | None = None) -> str:
 
 
 def accept_list_content(template: str) -> str:
-    """`template` itself when it renders list-of-parts content like the same text as a string; else the
-    template behind LIST_CONTENT_PREAMBLE, which joins the parts first."""
-    if _renders_lists(template):
+    """`template` itself when it renders what stock clients give it (list-of-parts content, media markers) as
+    r1v renders the same messages (`renders_stock_clients`); else the template behind LIST_CONTENT_PREAMBLE,
+    which joins the parts and puts the newline after each marker first."""
+    if renders_stock_clients(template):
         return template
     wrapped = LIST_CONTENT_PREAMBLE + template
-    if not _renders_lists(wrapped):
-        raise ConversionError("the chat template cannot render list-of-parts message content, even wrapped")
+    if not renders_stock_clients(wrapped):
+        raise ConversionError("the chat template cannot render list-of-parts message content or llama.cpp media "
+                              "markers as the model expects, even wrapped")
     return wrapped
 
 
@@ -286,10 +314,26 @@ def render_chat_template(template: str, messages: list[dict[str, Any]], add_gene
     )
 
 
-def _renders_lists(template: str) -> bool:
-    text = [{"role": "user", "content": "PART-ONE PART-TWO"}]
-    parts = [{"role": "user", "content": [{"type": "text", "text": "PART-ONE"}, {"type": "text", "text": " PART-TWO"}]}]
+def stock_client_cases(question: str = "PART-TWO") -> list[tuple[Any, str]]:
+    """(message content a stock client sends, the string content r1v renders for it) pairs: text parts, and
+    "image then question" as llama-cpp-python's MTMDChatHandler (marker as a text part), llama-mtmd-cli
+    (marker glued to the text) and llama-server (its own marker shape, glued) send it."""
+    cases: list[tuple[Any, str]] = [
+        ([{"type": "text", "text": "PART-ONE"}, {"type": "text", "text": " " + question}], "PART-ONE " + question),
+    ]
+    for marker in (MEDIA_MARKER, SERVER_MEDIA_MARKER):
+        expected = f"{marker}\n{question}"  # r1v: "<image>\n" + question, the marker where the image goes
+        cases.append(([{"type": "text", "text": marker}, {"type": "text", "text": question}], expected))
+        cases.append((marker + question, expected))
+        cases.append((expected, expected))
+    return cases
+
+
+def renders_stock_clients(template: str) -> bool:
+    """True when `template` renders every `stock_client_cases` content exactly as the string r1v renders."""
     try:
-        return render_chat_template(template, parts) == render_chat_template(template, text)
-    except Exception:  # noqa: BLE001 - any template error means "does not handle lists"
+        return all(render_chat_template(template, [{"role": "user", "content": given}])
+                   == render_chat_template(template, [{"role": "user", "content": expected}])
+                   for given, expected in stock_client_cases())
+    except Exception:  # noqa: BLE001 - any template error means "does not handle it"
         return False

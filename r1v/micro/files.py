@@ -1,5 +1,6 @@
 """The GGUF and AWQ files of the bundled micro-r1v, built from the shipped checkpoint on first use into the
-user cache (`$XDG_CACHE_HOME/r1v/micro-r1v/<checkpoint hash>/`), so `r1v.load("micro-r1v")` needs no download."""
+user cache (`$XDG_CACHE_HOME/r1v/micro-r1v/<checkpoint hash>/`, GGUF files in `gguf-<converter hash>/` below
+it), so `r1v.load("micro-r1v")` needs no download."""
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +26,19 @@ def checkpoint_hash(path: Path | None = None) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.iterdir() if p.is_file()):
         digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def converter_hash() -> str:
+    """Identity of the GGUF converter (its code and the chat templates it embeds): a converter change, such as
+    a template fix, gets freshly built GGUF files instead of the ones an older version cached."""
+    import r1v.converters as converters
+
+    root = Path(converters.__file__).parent
+    digest = hashlib.sha256()
+    for file in sorted(p for pattern in ("**/*.py", "**/*.jinja") for p in root.glob(pattern)):
+        digest.update(file.relative_to(root).as_posix().encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -70,7 +84,7 @@ def micro_gguf(quant: str | None = None) -> Path:
     quant = (quant or DEFAULT_QUANT).lower()
     if quant not in GGUF_QUANTS:
         raise ValueError(f"{NAME} comes as {', '.join(GGUF_QUANTS)}; got quant {quant!r}")
-    out = cache_root() / checkpoint_hash()
+    out = cache_root() / checkpoint_hash() / f"gguf-{converter_hash()}"
     llm, mmproj = out / llm_file_name(NAME, quant), out / mmproj_file_name(NAME, "f16")
     if not (llm.is_file() and mmproj.is_file()):
         convert_gguf(model_path(), out, [] if llm.is_file() else [quant], None if mmproj.is_file() else "f16",
