@@ -1,13 +1,20 @@
 """What a checkpoint holds: family, components with parameter counts and dtypes, tokens, template."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .resources import TEMPLATES_DIR, chat_template
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, has_weights, open_checkpoint, read_json, read_tokenizer_files
+from .config import check_token_ids, load_config
+
+# config.json's torch_dtype -> the safetensors dtype name and its bytes per element (sizes without the weights)
+TORCH_DTYPES = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4)}
+WEIGHTS_READ = "safetensors headers"
+WEIGHTS_NOT_READ = "not read: parameter counts from config.json's shapes, sizes at its torch_dtype"
 
 COMPONENT_TITLES = {
     "vision": "vision tower",
@@ -41,6 +48,7 @@ class CheckpointSummary:
     chat_template: str | None
     llm: dict[str, Any]
     vision: dict[str, Any]
+    weights: str = WEIGHTS_READ  # or WEIGHTS_NOT_READ: a directory of config.json and tokenizer files only
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,12 +59,12 @@ def summarize(ckpt: Checkpoint, fallback_template: str | None = None) -> Checkpo
     tokenizer carries none."""
     by_component: dict[str, ComponentSummary] = {}
     dtype_counts: dict[str, Counter[str]] = {}
-    for info in ckpt.iter_tensors():
-        comp = ckpt.component(info.name)
+    for name, numel, nbytes, dtype in _tensor_sizes(ckpt):
+        comp = ckpt.component(name)
         summary = by_component.setdefault(comp, ComponentSummary(comp))
-        summary.params += info.numel
-        summary.bytes += info.nbytes
-        dtype_counts.setdefault(comp, Counter())[info.dtype] += 1
+        summary.params += numel
+        summary.bytes += nbytes
+        dtype_counts.setdefault(comp, Counter())[dtype] += 1
     order = list(COMPONENT_TITLES)
     components = sorted(by_component.values(), key=lambda c: order.index(c.name))
     for c in components:
@@ -83,10 +91,37 @@ def summarize(ckpt: Checkpoint, fallback_template: str | None = None) -> Checkpo
         chat_template=template,
         llm=asdict(cfg.llm),
         vision=asdict(cfg.vision),
+        weights=WEIGHTS_READ if ckpt.tensors else WEIGHTS_NOT_READ,
     )
 
 
+def _tensor_sizes(ckpt: Checkpoint) -> Iterator[tuple[str, int, int, str]]:
+    """(name, elements, bytes, dtype) of each tensor: from the safetensors headers, or without weights from the
+    family's shape table at config.json's torch_dtype (bytes 0 when it names none)."""
+    if ckpt.tensors:
+        for info in ckpt.iter_tensors():
+            yield info.name, info.numel, info.nbytes, info.dtype
+        return
+    cfg = ckpt.config
+    declared = str(cfg.raw.get("torch_dtype") or (cfg.raw.get("llm_config") or {}).get("torch_dtype") or "")
+    dtype, size = TORCH_DTYPES.get(declared, (declared or "unknown dtype", 0))
+    for name, shape in cfg.family.expected_shapes(cfg).items():
+        numel = math.prod(shape)
+        yield name, numel, numel * size, dtype
+
+
 def inspect_checkpoint(path: str | Path, fallback_template: str | None = None) -> CheckpointSummary:
+    """Summarize a checkpoint directory; one without weights (config.json and tokenizer files only, as
+    `r1v inspect NAME` fetches) is summarized from config.json's shapes."""
+    path = Path(path)
+    if path.is_dir() and not has_weights(path):
+        config = load_config(path)
+        generation_path = path / "generation_config.json"
+        generation = read_json(generation_path, optional=True)
+        check_token_ids(generation, str(generation_path), config.llm.vocab_size)
+        ckpt = Checkpoint(path=path, config=config, tensors={}, tokenizer=read_tokenizer_files(path),
+                          generation_config=generation)
+        return summarize(ckpt, fallback_template)
     with open_checkpoint(path) as ckpt:
         return summarize(ckpt, fallback_template)
 
@@ -112,6 +147,8 @@ def format_summary(s: CheckpointSummary) -> str:
     lines.append(f"special tokens  {tokens}")
     lines.append(f"eos ids         {s.eos_token_ids}")
     lines.append(f"chat template   {s.chat_template_source}")
+    if s.weights != WEIGHTS_READ:
+        lines.append(f"weights         {s.weights}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ EXAMPLES = example("r1v plan Skywork-R1V3-38B/", "r1v plan Skywork-R1V3-38B/conf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="checkpoint directory or config.json (weights not needed)")
+    parser.add_argument("path", help="checkpoint directory or config.json (weights not needed), or a model name / "
+                                     "Hugging Face repo id (Org/Repo): only its config.json is fetched")
     parser.add_argument("--context", "-c", "--ctx-size", dest="context", type=int, default=8192, metavar="N",
                         help="context length for the KV cache (tokens)")
     parser.add_argument("--n-gpu-layers", "-ngl", "--gpu-layers", dest="n_gpu_layers", type=int, default=None,
@@ -30,7 +31,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.context <= 0:
         raise ValueError(f"--context must be positive, got {args.context}")
-    plan = plan_memory(load_checked_config(args.path), context=args.context, n_gpu_layers=args.n_gpu_layers)
+    from r1v.runtime.files.resolve import fetch_config
+
+    config = load_checked_config(fetch_config(args.path))  # a name: only its config.json is fetched
+    plan = plan_memory(config, context=args.context, n_gpu_layers=args.n_gpu_layers)
     if args.quant is not None:
         mixes = {m.lower(): m for m in LLM_GGUF_MIXES}
         if args.quant not in mixes:
