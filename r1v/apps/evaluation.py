@@ -158,14 +158,16 @@ def evaluate_item(model: Any, item: EvalItem, *, reference: Any = None, max_toke
 
 
 class ResultsFile:
-    """Finished items, one JSON line each after a header line naming the run; appended, flushed and synced."""
+    """Finished items, one JSON line each after a header line naming the run; appended, flushed and synced.
+    `overwrite`: start over even when the file holds results (of this run or another)."""
 
-    def __init__(self, path: Path, header: dict[str, Any]):
+    def __init__(self, path: Path, header: dict[str, Any], overwrite: bool = False):
         self.path, self.header = path, {"r1v_eval_results": RESULTS_FORMAT, **header}
         self.done: dict[str, ItemResult] = {}
-        if path.exists():
+        if path.exists() and not overwrite:
             self._read()
         else:
+            path.unlink(missing_ok=True)
             self._append(self.header)
 
     def _read(self) -> None:
@@ -175,8 +177,7 @@ class ResultsFile:
         except json.JSONDecodeError:
             header = None
         if header != self.header:
-            raise ValueError(f"{self.path} holds results of another run ({header}); remove it or write the report "
-                             f"elsewhere to evaluate {self.header}")
+            raise ValueError(run_conflict(self.path, header, self.header))
         for line in lines[1:]:
             try:
                 row = json.loads(line)
@@ -204,6 +205,20 @@ class ResultsFile:
     def add(self, result: ItemResult) -> None:
         self.done[result.id] = result
         self._append(asdict(result))
+
+
+def run_conflict(path: Path, found: Any, wanted: dict[str, Any]) -> str:
+    """One line saying how the run recorded in `path` differs from this one, and what to do."""
+    what = "r1v eval --force starts over (evaluate(..., overwrite=True)), or write the report elsewhere (-o)"
+    if not isinstance(found, dict) or "r1v_eval_results" not in found:
+        return f"{path} is not an r1v eval results file; {what}"
+    changed = [f"{key} {_shown(found.get(key))} there, {_shown(wanted.get(key))} now"
+               for key in dict.fromkeys([*wanted, *found]) if found.get(key) != wanted.get(key)]
+    return f"{path} holds results of another run ({'; '.join(changed)}): {what}"
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
 def summarize(results: Sequence[ItemResult], *, model: str, data: str, reference: str | None,
@@ -240,14 +255,16 @@ def evaluate(
     max_tokens: int = 256,
     progress: bool = True,
     on_item: Callable[[ItemResult], None] | None = None,
+    overwrite: bool = False,
 ) -> EvalReport:
     """Evaluate loaded `model` (and `reference`) on `items`. `names` ({"model", "data", "reference"}) label
-    the report and identify the run in the results file, which makes the run resumable."""
+    the report and identify the run in the results file, which makes the run resumable; `overwrite` discards
+    what the results file holds instead."""
     from tqdm import tqdm
 
     names = {"model": str(getattr(model, "path", model)), "data": "", "reference": None, **(names or {})}
     items = list(items)
-    store = ResultsFile(Path(results_path), {**names, "max_tokens": max_tokens}) if results_path else None
+    store = ResultsFile(Path(results_path), {**names, "max_tokens": max_tokens}, overwrite) if results_path else None
     done = store.done if store else {}
     start = time.perf_counter()
     todo = [item for item in items if item.id not in done]

@@ -10,7 +10,8 @@ import importlib
 import os
 import sys
 
-from r1v.cli.conventions import Parser, example
+from r1v.cli.conventions import Parser, set_epilogs
+from r1v.cli.examples import epilog
 from r1v.converters.errors import CheckpointError
 
 # name -> (module under r1v.cli, one-line help)
@@ -35,17 +36,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     from r1v import __version__
 
-    parser = Parser(prog="r1v", description="Convert and run Skywork-R1V models off the datacenter.",
-                    epilog=example("r1v demo", "r1v generate model.gguf --image cat.png -p 'How many cats?'",
-                                   "r1v COMMAND --help"))
+    parser = Parser(prog="r1v", description="Convert and run Skywork-R1V models off the datacenter.")
     parser.add_argument("--version", action="version", version=f"r1v-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        mod = importlib.import_module(f"r1v.cli.{module}")
-        # each module's EXAMPLES: its --help ends with them (tests parse every one)
-        cmd = sub.add_parser(name, help=help_text, description=help_text, epilog=getattr(mod, "EXAMPLES", None))
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.set_defaults(_module=module)
-        mod.add_arguments(cmd)
+        importlib.import_module(f"r1v.cli.{module}").add_arguments(cmd)
+    set_epilogs(parser, epilog)  # every --help ends with examples (r1v/cli/examples.py)
     return parser
 
 

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="print each answer as it is generated and keep the SSE events (raw_events)")
     parser.add_argument("--retry-errors", action="store_true", help="run again the items whose output is an error")
-    parser.add_argument("--model-name", default="r1v", help="the 'model' field of raw_response (default r1v)")
+    parser.add_argument("--model-name", default="r1v", help="the 'model' field of raw_response (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sampling_arguments(parser)
 

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from r1v.cli.conventions import add_model_positional, quant_name
+
 
 def default_llama_cpp_dir() -> Path | None:
     if os.environ.get("R1V_LLAMA_CPP_DIR"):
@@ -33,15 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "alternating rounds; decode as a fraction of the memory bandwidth bound. "
                                            "A GGUF model runs next to llama-cpp-python used directly on the same "
                                            "files; an AWQ checkpoint next to the same model dequantized to fp16.")
-    generate.add_argument("model", help="GGUF file, AWQ checkpoint directory, or model name")
+    add_model_positional(generate, "GGUF file, AWQ checkpoint directory, or model name")
     generate.add_argument("--mmproj", default=None, help="projector file when not beside the model")
     generate.add_argument("--image", default=None, help="image for the image-prompt figures (448x448 is one tile)")
-    generate.add_argument("--quant", default=None, help="GGUF quant when the source holds several")
+    generate.add_argument("--quant", type=quant_name, default=None,
+                          help="GGUF quant when the source holds several (e.g. Q4_K_M)")
     generate.add_argument("--prompt-repeats", type=int, default=12, help="length of the text prompt, in paragraphs")
-    generate.add_argument("--max-tokens", type=int, default=64, help="tokens decoded per round")
-    generate.add_argument("--n-ctx", type=int, default=4096)
-    generate.add_argument("--n-threads", type=int, default=None)
-    generate.add_argument("--n-batch", type=int, default=512)
+    generate.add_argument("--max-tokens", "-n", "--n-predict", dest="max_tokens", type=int, default=64,
+                          help="tokens decoded per round")
+    generate.add_argument("--n-ctx", "-c", "--ctx-size", dest="n_ctx", type=int, default=4096, metavar="N",
+                          help="context window in tokens")
+    generate.add_argument("--n-threads", "-t", "--threads", dest="n_threads", type=int, default=None, metavar="N",
+                          help="decoding threads (default: half the CPUs)")
+    generate.add_argument("--n-batch", "-b", "--batch-size", dest="n_batch", type=int, default=512, metavar="N",
+                          help="prompt tokens per llama.cpp batch")
     generate.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
                           help="flash attention off on both sides (default: on for both)")
     generate.add_argument("--extra-buffers", choices=["auto", "on", "off"], default="auto",

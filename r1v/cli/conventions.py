@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-__all__ = ["HelpFormatter", "Parser", "add_model_positional", "example", "quant_name"]
+__all__ = ["HelpFormatter", "Parser", "add_model_positional", "quant_name", "set_epilogs", "subparsers"]
 
 Check = Callable[[argparse.Namespace, "Parser"], None]
 
@@ -62,10 +62,22 @@ class Parser(argparse.ArgumentParser):
         return namespace, extras
 
 
-def example(*lines: str) -> str:
-    """An epilog of example command lines (each is parsed by tests/test_cli_conventions.py)."""
-    head = "example:" if len(lines) == 1 else "examples:"
-    return "\n".join([head, *(f"  {line}" for line in lines)])
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-commands of `parser` by name (argparse keeps them in its _SubParsersAction)."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+def set_epilogs(parser: argparse.ArgumentParser, epilog: Callable[[str], str | None], path: str = "") -> None:
+    """Give `parser` and every sub-command below it the epilog `epilog(path)` ("convert gguf" for `r1v convert
+    gguf`), where the command has none of its own."""
+    if parser.epilog is None:
+        parser.epilog = epilog(path)
+    for name, sub in subparsers(parser).items():
+        set_epilogs(sub, epilog, f"{path} {name}".strip())
 
 
 def quant_name(text: str) -> str:

@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
+from typing import Any
+
+from r1v.cli.conventions import quant_name
+
+# Placeholders in the commands printed after a conversion: the user's own image and question.
+IMAGE, QUESTION = "IMAGE.png", "Describe the image."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,17 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               description="Convert a checkpoint to GGUF: the LLM at each --quant, and the mmproj.")
     gguf.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json, safetensors, tokenizer)")
     gguf.add_argument("-o", "--outdir", type=Path, required=True, help="output directory (created if missing)")
-    gguf.add_argument("--quant", nargs="+", default=["q4_k_m"], choices=LLM_QUANTS, metavar="QUANT",
-                      help=f"LLM quant type(s), several share one 16-bit intermediate: {', '.join(LLM_QUANTS)}")
+    gguf.add_argument("--quant", nargs="+", type=quant_name, default=["q4_k_m"], choices=LLM_QUANTS, metavar="QUANT",
+                      help=f"LLM quant type(s), in any case (Q4_K_M), several share one 16-bit intermediate: "
+                           f"{', '.join(LLM_QUANTS)}")
     gguf.add_argument("--no-llm", dest="quant", action="store_const", const=[], help="only the mmproj")
-    gguf.add_argument("--mmproj-quant", default="f16", choices=MMPROJ_QUANTS, help="vision projector type")
+    gguf.add_argument("--mmproj-quant", type=quant_name, default="f16", choices=MMPROJ_QUANTS,
+                      help="vision projector type")
     gguf.add_argument("--no-mmproj", dest="mmproj_quant", action="store_const", const=None,
                       help="skip the vision projector")
     gguf.add_argument("--name", default=None, help="file name stem (default: the checkpoint directory name)")
     gguf.add_argument("--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name (default: by family)")
     gguf.add_argument("--imatrix", type=Path, default=None, help="importance matrix for low-bit types")
-    gguf.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
-    gguf.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    gguf.add_argument("--threads", "-t", dest="threads", type=int, default=None,
+                      help="threads for llama.cpp's quantizer (default: all cores)")
+    gguf.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="no progress bars (llama.cpp's quantizer's included)")
     gguf.set_defaults(_run=run_gguf)
 
     awq = formats.add_parser(
@@ -71,6 +82,7 @@ def run_awq(args: argparse.Namespace) -> int:
     print(f"{result.outdir}  ({len(result.files)} files, {size / 1e6:.1f} MB; {result.n_layers} layers{resumed})")
     if result.imatrix:
         print(f"{result.imatrix}  ({result.imatrix.stat().st_size / 1e6:.1f} MB)")
+    print(next_commands_awq(result.outdir, args.vision))
     return 0
 
 
@@ -83,4 +95,37 @@ def run_gguf(args: argparse.Namespace) -> int:
     )
     for path in result.files:
         print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    text = next_commands_gguf(result)
+    if text:
+        print(text)
     return 0
+
+
+def _line(*words: Any) -> str:
+    return "  " + shlex.join(str(w) for w in words)
+
+
+def next_commands_gguf(result: Any) -> str | None:
+    """What to run with the new files: our CLI, and llama.cpp's own multimodal CLI (--jinja: the file's chat
+    template, with its forced <think>). The first LLM file stands for the others; None when none was written."""
+    if not result.llm:
+        return None
+    llm = next(iter(result.llm.values()))
+    mmproj = result.mmproj or next(iter(sorted(llm.parent.glob("mmproj-*.gguf"))), None)
+    if mmproj is None:  # text only (--no-mmproj and none from an earlier run)
+        return "\n".join(["next:", _line("r1v", "generate", llm, "-p", QUESTION),
+                          _line("llama-cli", "-m", llm, "--jinja", "-p", QUESTION)])
+    return "\n".join(["next:", _line("r1v", "generate", llm, "--image", IMAGE, "-p", QUESTION),
+                      _line("llama-mtmd-cli", "-m", llm, "--mmproj", mmproj, "--jinja", "--image", IMAGE,
+                            "-p", QUESTION)])
+
+
+def next_commands_awq(outdir: Path, vision: str) -> str:
+    """What to run with a new AWQ checkpoint: our CLI, and vLLM's server (it reads the AutoAWQ GEMM layout;
+    an int8 vision tower is r1v's own layout, which it cannot read)."""
+    lines = ["next:", _line("r1v", "generate", outdir, "--image", IMAGE, "-p", QUESTION)]
+    if vision == "int8":
+        lines.append("  (vLLM and transformers do not read --vision int8: convert with --vision fp16 for them)")
+    else:
+        lines.append(_line("vllm", "serve", outdir, "--trust-remote-code"))
+    return "\n".join(lines)

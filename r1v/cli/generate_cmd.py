@@ -10,12 +10,9 @@ import argparse
 import sys
 from typing import Any, Iterable, TextIO
 
-from r1v.cli.conventions import add_model_positional, example, quant_name
+from r1v.cli.conventions import add_model_positional, quant_name
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-EXAMPLES = example("r1v generate micro-r1v --image r1v/micro/demo.png -p 'How many shapes are red?'",
-                   "r1v generate -m model-q4_k_m.gguf --image a.png -p 'Describe it' -c 16384 -t 8 -n 4096 --temp 0.6",
-                   "echo 'What is 17*23?' | r1v generate micro-r1v --show-reasoning")
 MODEL_HELP = "a .gguf file (mmproj found beside it), a model directory, or a models.yaml name"
 
 

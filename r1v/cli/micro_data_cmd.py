@@ -10,7 +10,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--split range)")
     parser.add_argument("--split", choices=("train", "validation", "test"), default="test",
                         help="seed range the default --seed starts from, and --seed is checked against")
-    parser.add_argument("-n", type=int, default=200, help="number of items (default 200)")
+    parser.add_argument("-n", type=int, default=200, help="number of items (default %(default)s)")
     parser.add_argument("-o", "--output", required=True, help="JSONL file to write; PNGs go to <stem>_images/")
 
 

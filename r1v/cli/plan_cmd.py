@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from r1v.cli.conventions import example, quant_name
-
-EXAMPLES = example("r1v plan Skywork-R1V3-38B/", "r1v plan Skywork-R1V3-38B/config.json -c 32768 -ngl 40 --quant Q4_K_M")
+from r1v.cli.conventions import quant_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,30 +19,32 @@ _BUSY_HINT = " (another server is listening there: stop it or choose another --p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, ctx_aliases=("--max-model-len",))  # vLLM's name for the context window
     server = parser.add_argument_group("server (ServerConfig)")
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on")
     server.add_argument("--api-key", default=os.environ.get("R1V_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $R1V_API_KEY, else none)")
-    server.add_argument("--max-concurrency", type=int, default=1, metavar="N",
-                        help="generation slots: requests generated at the same time; each loads the model once (GGUF "
+    server.add_argument("--max-concurrency", "-np", "--parallel", "--max-num-seqs", dest="max_concurrency", type=int,
+                        default=1, metavar="N",
+                        help="generation slots (llama-server's -np, vLLM's --max-num-seqs): requests generated at the same time; each loads the model once (GGUF "
                              "weights are memory-mapped and shared; an AWQ model is loaded on the GPU once per slot)")
     server.add_argument("--queue", type=int, default=8, metavar="N",
-                        help="requests that may wait for a slot; beyond them the answer is 429 (default 8)")
-    server.add_argument("--served-model-name", default=None,
+                        help="requests that may wait for a slot; beyond them the answer is 429 (default %(default)s)")
+    server.add_argument("--served-model-name", "--alias", "-a", dest="served_model_name", default=None, metavar="NAME",
                         help="model id in /v1/models and responses (default: the model's file or registry name)")
     server.add_argument("--allow-local-images", action="store_true",
                         help="accept image_url parts naming files on this machine (default: data: URLs only)")
     server.add_argument("--local-image-root", default=None, metavar="DIR",
                         help="with --allow-local-images: only files under DIR (relative paths taken from it)")
-    server.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB (default 32)")
-    server.add_argument("--max-image-mb", type=float, default=20.0, help="largest image in MB (default 20)")
+    server.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB")
+    server.add_argument("--max-image-mb", type=float, default=20.0, help="largest image in MB")
     server.add_argument("--max-megapixels", type=float, default=16.0, metavar="MPX",
                         help="pixels of all images in one request together, in millions, read from the image headers "
-                             "before any is decoded (default 16; decoding holds ~3 bytes a pixel, more while "
+                             "before any is decoded (default %(default)s; decoding holds ~3 bytes a pixel, more while "
                              "converting)")
-    server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="uvicorn's log level")
 
 
 def _model_name(source: str) -> str:

@@ -13,7 +13,7 @@ D = asdict(TrainConfig())
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     parser.add_argument("--minutes", type=float, default=D["minutes"],
-                        help=f"wall-time cap of the training loop (default {D['minutes']:g}); "
+                        help="wall-time cap of the training loop (default %(default)g); "
                              "a run that reaches it stops early and still writes its checkpoint")
     parser.add_argument("--seed", type=int, default=D["seed"], help="initialisation and data seed")
     parser.add_argument("--steps", type=int, default=D["steps"],

@@ -8,8 +8,8 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", help="a JSONL written by `r1v batch` (or by Skywork's r1v4 batch tools)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8001, help="port (default 8001; 0 picks a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8001, help="port (default %(default)s; 0 picks a free one)")
     parser.add_argument("--image-root", default=None, metavar="DIR",
                         help="serve the results' images only from under DIR (default: the results file's folder)")
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")

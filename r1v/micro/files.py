@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from . import NAME, model_path
@@ -30,12 +31,14 @@ def checkpoint_hash(path: Path | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def converter_hash() -> str:
-    """Identity of the GGUF converter (its code and the chat templates it embeds): a converter change, such as
-    a template fix, gets freshly built GGUF files instead of the ones an older version cached."""
-    import r1v.converters as converters
+def converter_hash(root: Path | None = None) -> str:
+    """Identity of the GGUF converter (its code and the chat templates it embeds, under `root`, default the
+    installed r1v.converters): a converter change, such as a template fix, gets freshly built GGUF files
+    instead of the ones an older version cached."""
+    if root is None:
+        import r1v.converters as converters
 
-    root = Path(converters.__file__).parent
+        root = Path(converters.__file__).parent
     digest = hashlib.sha256()
     for file in sorted(p for pattern in ("**/*.py", "**/*.jinja") for p in root.glob(pattern)):
         digest.update(file.relative_to(root).as_posix().encode())
@@ -43,16 +46,23 @@ def converter_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def micro_model(quant: str | None = None) -> Path:
+def micro_model(quant: str | None = None, progress: bool = True) -> Path:
     """micro-r1v at `quant`: the LLM GGUF file (f16, q8_0, q4_k_m; its F16 mmproj beside it) or the AWQ
-    checkpoint directory (awq), built on first use."""
+    checkpoint directory (awq), built on first use; `progress`: say so on stderr and show the build's bars."""
     quant = (quant or DEFAULT_QUANT).lower()
     if quant not in QUANTS:
         raise ValueError(f"{NAME} comes as {', '.join(QUANTS)}; got quant {quant!r}")
-    return micro_awq() if quant == "awq" else micro_gguf(quant)
+    return micro_awq(progress) if quant == "awq" else micro_gguf(quant, progress)
 
 
-def micro_awq() -> Path:
+def _announce(progress: bool, what: str, out: Path) -> None:
+    """A first-use build takes seconds (GGUF) to minutes (AWQ on a CPU): say what is being built, and where."""
+    if progress:
+        print(f"{NAME}: first use: building {what} from the shipped checkpoint into {out}", file=sys.stderr,
+              flush=True)
+
+
+def micro_awq(progress: bool = True) -> Path:
     """micro-r1v as a 4-bit AWQ checkpoint, made the way `r1v convert awq` makes one (default method), calibrated
     on the task's own training items (images through the vision tower, chat-templated questions and answers)."""
     from r1v.quant.calibration import CalibrationItem
@@ -68,8 +78,10 @@ def micro_awq() -> Path:
              for i in task.make_items(task.SPLITS["train"][0] + 5_000_000, AWQ_CALIBRATION_ITEMS)]
     tmp = out.with_name(f".awq-{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    _announce(progress, f"the 4-bit AWQ checkpoint ({DEFAULT_METHOD}, {AWQ_CALIBRATION_ITEMS} calibration items; "
+                        "minutes on a CPU)", out)
     try:
-        quantize_checkpoint_awq(model_path(), tmp, calib=items, group_size=128, progress=False)
+        quantize_checkpoint_awq(model_path(), tmp, calib=items, group_size=128, progress=progress)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
@@ -77,7 +89,7 @@ def micro_awq() -> Path:
     return out
 
 
-def micro_gguf(quant: str | None = None) -> Path:
+def micro_gguf(quant: str | None = None, progress: bool = True) -> Path:
     """Path of micro-r1v's LLM GGUF at `quant` (f16, q8_0 or q4_k_m), with its F16 mmproj beside it."""
     from r1v.converters.gguf import convert_gguf, llm_file_name, mmproj_file_name
 
@@ -87,6 +99,7 @@ def micro_gguf(quant: str | None = None) -> Path:
     out = cache_root() / checkpoint_hash() / f"gguf-{converter_hash()}"
     llm, mmproj = out / llm_file_name(NAME, quant), out / mmproj_file_name(NAME, "f16")
     if not (llm.is_file() and mmproj.is_file()):
+        _announce(progress, f"the {quant} GGUF files", out)
         convert_gguf(model_path(), out, [] if llm.is_file() else [quant], None if mmproj.is_file() else "f16",
-                     name=NAME, progress=False)
+                     name=NAME, progress=progress)
     return llm
