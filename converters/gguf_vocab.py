@@ -60,7 +60,9 @@ LIST_CONTENT_PREAMBLE = """\
 {%- if loop.first -%}{{- piece -}}
 {%- else -%}
 {%- set ends = piece.split('__>', 1) -%}
-{%- if ends | length == 2 -%}
+{#- a marker: <__media__> or <__media_NAME__>, NAME without spaces -#}
+{%- if ends | length == 2 and (ends[0] == '' or (ends[0].startswith('_') and ' ' not in ends[0]
+      and '\\n' not in ends[0])) -%}
 {{- '<__media' + ends[0] + '__>' + ('' if ends[1].startswith('\\n') else '\\n') + ends[1] -}}
 {%- else -%}{{- '<__media' + piece -}}{%- endif -%}
 {%- endif -%}
