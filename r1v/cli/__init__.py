@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate_cmd", "answer a question about images with a model, streaming to the terminal"),
     "chat": ("chat_cmd", "chat with a model interactively (/image PATH attaches an image, /reset starts over)"),
     "cache": ("cache_cmd", "the prefix cache of prompts with images: `r1v cache ls` / `r1v cache clear`"),
+    "ls": ("ls_cmd", "models on disk and the space each takes: r1v builds, Hugging Face repos, the prefix cache"),
+    "rm": ("rm_cmd", "remove a model from disk (`r1v ls` names it): a build, a hub repo or one quant of it"),
     "serve": ("serve_cmd", "serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions)"),
     "batch": ("batch_cmd", "answer a JSONL file of {image, question} items, resumably (Skywork's r1v4 format)"),
     "view": ("view_cmd", "a local web page of `r1v batch` results: image, question, reasoning rounds, answer"),

@@ -609,6 +609,16 @@ def _list_files(directory: Path, patterns: list[str] | None) -> list[Path]:
     return [directory / r for r in filter_repo_objects(relative, allow_patterns=patterns)]
 
 
+def gguf_quants(paths: list[Path]) -> list[str]:
+    """The quant types (lower case, sorted) the names of LLM GGUF files among `paths` carry; projectors skipped."""
+    return sorted({(_quant_of(p) or "").lower() for p in paths if _is_gguf(p) and not _is_mmproj(p)} - {""})
+
+
+def is_projector(path: Path) -> bool:
+    """A GGUF file named as a vision projector (mmproj)."""
+    return _is_gguf(path) and _is_mmproj(path)
+
+
 def _is_gguf(path: Path) -> bool:
     return path.name.lower().endswith(".gguf")
 
@@ -656,5 +666,6 @@ def _listing(directory: Path, files: list[Path]) -> str:
 __all__ = [
     "CHECKPOINT_FILES", "DEFAULT_QUANT_ORDER", "LOCAL_MODELS", "AmbiguousModelError", "ModelNotAvailable",
     "ModelNotFoundError", "RepoChoice", "ResolvedModel", "choose_repo_files", "download_command", "fetch_config",
-    "hub_cache_dir", "hub_offline", "register_local_model", "repo_files", "resolve_model",
+    "gguf_quants", "hub_cache_dir", "hub_offline", "is_projector", "register_local_model", "repo_files",
+    "resolve_model",
 ]
