@@ -17,11 +17,13 @@ system allows), writes model.safetensors.index.json and config.json, and copies 
 A part is one decoder layer, the embedding table, the final norm + lm_head, or up to MAX_SHARD_BYTES of the
 vision tower; for R1V-38B every one is under 2 GB (the largest, each embedding matrix, is 1.56 GB in fp16).
 
-`--vision int8` stores each ViT linear as `<prefix>.int8_weight` (int8 [out, in]) and `<prefix>.int8_scale`
-(fp16 [out]; W = int8_weight * int8_scale[:, None]). That is this project's own format (no AWQ loader has an
-int8 weight-only mode): the vision tower is listed in `modules_to_not_convert` and described under
-`r1v_quantization.vision` in config.json, and a loader that only knows AutoAWQ fails on the unknown names
-instead of loading wrong values.
+The vision tower is written fp16 (listed in `modules_to_not_convert`) or, with `vision="int4"`, in the same
+AWQ GEMM layout as the LLM (only `mlp1` listed). There is no int8 export: the AutoAWQ layout has no int8 mode,
+so vLLM cannot load such a tower (it refuses the unknown tensor names) and transformers would leave those
+weights randomly initialised with only a warning. int8 is a load-time placement of the awq backend instead
+(`awq[vision=int8]`, quantized from the stored fp16 tower). Checkpoints an earlier version wrote with
+`<prefix>.int8_weight` (int8 [out, in]) and `<prefix>.int8_scale` (fp16 [out]) still load in r1v
+(runtime/backends/awq/loader.py), and only there.
 """
 from __future__ import annotations
 
@@ -41,7 +43,11 @@ from .safetensors_io import DTYPES, read_header
 
 MAX_SHARD_BYTES = 2 * 1024**3  # parts (and so shards) are cut at this size
 INDEX_FILE = "model.safetensors.index.json"
-INT8_WEIGHT, INT8_SCALE = "int8_weight", "int8_scale"
+INT8_WEIGHT, INT8_SCALE = "int8_weight", "int8_scale"  # the int8 vision layout earlier versions wrote (read only)
+INT8_VISION_REFUSED = (  # completes "int8 is ..."
+    "not written to checkpoints: vLLM and transformers read no int8 vision tower in an AWQ "
+    "checkpoint. Convert with --vision fp16 (every loader) or int4 (the AWQ layout), and hold the tower in int8 "
+    "when loading with r1v: --placement 'awq[vision=int8]' (r1v.load(DIR, placement=\"awq[vision=int8]\"))")
 # Copied unchanged from the source checkpoint when present (plus its *.py remote code).
 COPIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",

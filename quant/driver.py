@@ -12,8 +12,8 @@ decoder layer at a time.
    rounded to the fp16 they are stored as) over the calibration hidden states to get the next layer's
    inputs; free it.
 3. Embeddings, final norm and lm_head are copied fp16; the vision tower and mlp1 fp16 (`vision="fp16"`), or
-   the ViT linears weight-only quantized (`int4`: RTN in the same AWQ GEMM layout; `int8`: per-channel
-   symmetric, see converters/awq.py). mlp1 stays fp16 (vLLM builds it unquantized).
+   the ViT linears RTN-quantized in the same AWQ GEMM layout (`int4`). mlp1 stays fp16 (vLLM builds it
+   unquantized). `int8` is refused: no AWQ loader reads it (converters/awq.py); it is a load-time placement.
 4. converters/awq.py assembles the shards, the index, config.json with `quantization_config` and the
    tokenizer files.
 
@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from r1v.converters.awq import (
-    INT8_SCALE, INT8_WEIGHT, MAX_SHARD_BYTES, PartTensor, array_tensor, assemble, awq_config, quantization_config,
-    read_part, write_part,
+    INT8_VISION_REFUSED, INT8_WEIGHT, MAX_SHARD_BYTES, PartTensor, array_tensor, assemble, awq_config,
+    quantization_config, read_part, write_part,
 )
 from r1v.converters.checkpoint import Checkpoint, open_checkpoint
 from r1v.converters.gguf_common import ConversionError
@@ -65,7 +65,7 @@ from .methods import DEFAULT_METHOD, METHOD_STEPS, METHODS
 from .pack import PACK, pack_awq
 from .rtn import check_groupable, quantize_rtn
 
-VISION_MODES = ("fp16", "int8", "int4")
+VISION_MODES = ("fp16", "int4")  # what a checkpoint can hold for vLLM and transformers (int8: load time only)
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 WORK_KEY_CHARS = 16  # hex digits of the run's key in its work directory's name
@@ -167,7 +167,7 @@ def check_convertible(ckpt: Checkpoint, group_size: int, vision: str = "fp16") -
         try:
             check_groupable(shape, group_size, name)
         except ValueError as e:
-            hint = " (or --vision fp16/int8)" if name.startswith("vision_model.") else ""
+            hint = " (or --vision fp16)" if name.startswith("vision_model.") else ""
             raise ConversionError(f"{ckpt.path}: {e}; choose a --group-size that divides it{hint}") from None
         if shape[0] % PACK:
             raise ConversionError(f"{ckpt.path}: {name} of shape {shape}: out_features {shape[0]} is not a "
@@ -187,6 +187,8 @@ class _Options:
     @classmethod
     def check(cls, group_size: int, bits: int, vision: str, n_samples: int, seq_len: int, method: str,
               device: str) -> _Options:
+        if vision == "int8":
+            raise ConversionError(f"vision='int8' (--vision int8) is {INT8_VISION_REFUSED}")
         if vision not in VISION_MODES:
             raise ConversionError(f"unknown vision mode {vision!r}; choose from {', '.join(VISION_MODES)}")
         if method not in METHODS:
@@ -364,9 +366,6 @@ class _Run:
         vision: dict[str, Any] = {"mode": self.opts.vision}
         if self.opts.vision == "int4":
             vision["format"] = f"AWQ GEMM, RTN, group {self.opts.group_size}, for {', '.join(VISION_LINEARS)}"
-        elif self.opts.vision == "int8":
-            vision["format"] = (f"<linear>.{INT8_WEIGHT} int8 [out, in], <linear>.{INT8_SCALE} fp16 [out]: "
-                                f"W = {INT8_WEIGHT} * {INT8_SCALE}[:, None], for {', '.join(VISION_LINEARS)}")
         return {"method": self.opts.method, "vision": vision, "source_config_sha256": self.cfg.sha256,
                 "calibration": {"fingerprint": self.fingerprint, "n_samples": self.opts.n_samples,
                                 "seq_len": self.opts.seq_len, **calibration}}
@@ -480,23 +479,14 @@ class _Run:
         def value(key: str) -> Iterator[np.ndarray]:
             if not cache:  # computed once per linear, on first use, so memory stays at one tensor
                 w = torch.from_numpy(self.ckpt.read(name, np.float32)).to(self.device)
-                if self.opts.vision == "int4":
-                    packed = pack_awq(*quantize_rtn(w.to(torch.float16), self.opts.group_size, self.opts.bits))
-                    cache.update(qweight=packed.qweight, qzeros=packed.qzeros, scales=packed.scales)
-                else:
-                    scale = (w.abs().amax(dim=1) / 127).to(torch.float16).clamp(min=torch.finfo(torch.float16).tiny)
-                    q = torch.clamp(torch.round(w / scale.float()[:, None]), -127, 127).to(torch.int8)
-                    cache.update({INT8_WEIGHT: q, INT8_SCALE: scale})
-                for k, v in cache.items():
-                    cache[k] = v.cpu().numpy()
+                packed = pack_awq(*quantize_rtn(w.to(torch.float16), self.opts.group_size, self.opts.bits))
+                cache.update(qweight=packed.qweight.cpu().numpy(), qzeros=packed.qzeros.cpu().numpy(),
+                             scales=packed.scales.cpu().numpy())
             yield cache.pop(key)
 
-        if self.opts.vision == "int4":
-            g = in_f // self.opts.group_size
-            specs = [("qweight", "I32", (in_f, out_f // PACK)), ("qzeros", "I32", (g, out_f // PACK)),
-                     ("scales", "F16", (g, out_f))]
-        else:
-            specs = [(INT8_WEIGHT, "I8", (out_f, in_f)), (INT8_SCALE, "F16", (out_f,))]
+        g = in_f // self.opts.group_size
+        specs = [("qweight", "I32", (in_f, out_f // PACK)), ("qzeros", "I32", (g, out_f // PACK)),
+                 ("scales", "F16", (g, out_f))]
         return [PartTensor(f"{module}.{key}", dtype, shape, lambda key=key: value(key)) for key, dtype, shape in specs]
 
 

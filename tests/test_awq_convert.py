@@ -464,7 +464,7 @@ def test_refusals_are_clear_and_leave_nothing_behind(ckpt, awq_out, tmp_path):
     with pytest.raises(ConversionError, match=r"vision_model\.encoder\.layers\.0\.attn\.qkv\.weight of shape "
                                               r"\(96, 32\): in_features 32 is not divisible by group_size 64"):
         quantize_checkpoint_awq(ckpt, out, **{**RUN, "vision": "int4"})
-    with pytest.raises(ConversionError, match=r"unknown vision mode 'int2'; choose from fp16, int8, int4"):
+    with pytest.raises(ConversionError, match=r"unknown vision mode 'int2'; choose from fp16, int4"):
         quantize_checkpoint_awq(ckpt, out, **{**RUN, "vision": "int2"})
     with pytest.raises(ConversionError, match=r"unknown method 'gptq-act-order'; choose from awq\+gptq, awq, gptq, rtn"):
         quantize_checkpoint_awq(ckpt, out, **{**RUN, "method": "gptq-act-order"})
@@ -485,7 +485,7 @@ def ckpt_300m(work) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vision", ["int4", "int8"])
+@pytest.mark.parametrize("vision", ["int4"])  # int8 is refused (tests/test_awq_export.py)
 def test_vision_int4_and_int8(ckpt_300m, convert, fp_model, vision):
     out = convert(ckpt_300m, vision, vision=vision, method="rtn")
     config = json.loads((out / "config.json").read_text())
@@ -524,13 +524,13 @@ def test_cli_end_to_end(ckpt, tmp_path):
                    '{"text": "Some generic text to calibrate on, long enough to fill a window or two."}')
     result = subprocess.run(
         [sys.executable, "-m", "r1v", "convert", "awq", str(ckpt), "-o", str(out), "--calib", str(calib),
-         "--group-size", "64", "--n-samples", "4", "--seq-len", "64", "--vision", "int8",
+         "--group-size", "64", "--n-samples", "4", "--seq-len", "64", "--vision", "fp16",
          "--imatrix-out", str(tmp_path / "imatrix.gguf"), "--no-progress"],
         capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr
     assert str(out) in result.stdout and "imatrix.gguf" in result.stdout
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["group_size"] == 64 and config["r1v_quantization"]["vision"]["mode"] == "int8"
+    assert config["quantization_config"]["group_size"] == 64 and config["r1v_quantization"]["vision"]["mode"] == "fp16"
     assert config["r1v_quantization"]["calibration"]["windows"] == 4 and (tmp_path / "imatrix.gguf").is_file()
 
     bad = subprocess.run([sys.executable, "-m", "r1v", "convert", "awq", str(ckpt), "-o", str(tmp_path / "x"),
