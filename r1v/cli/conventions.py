@@ -9,6 +9,7 @@ Imports only argparse: `r1v --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any, Callable
 
 __all__ = ["HelpFormatter", "Parser", "add_model_positional", "quant_name", "set_epilogs", "subparsers"]
@@ -35,14 +36,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.help is argparse.SUPPRESS or "%(default)" in text or "default" in text.lower():
+        if action.help is argparse.SUPPRESS or "%(default)" in text:
             return text
         if isinstance(action, _NO_DEFAULT_SHOWN) or action.default is None or action.default == [] \
                 or action.default is argparse.SUPPRESS:
             return text
         if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return text
-        shown = format_default(action.default).replace("%", "%%")
+        shown = format_default(action.default)
+        if re.search(rf"default:? {re.escape(shown)}\b", text):  # the text says it already
+            return text
+        shown = shown.replace("%", "%%")
         return f"{text} (default: {shown})" if text else f"(default: {shown})"
 
 

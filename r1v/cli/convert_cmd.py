@@ -50,9 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help='calibration JSONL: {"image": PATH, "question": ...} or {"text": ...} per line '
                           "(default: the built-in set of synthetic images, reasoning and text)")
     awq.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero group")
-    awq.add_argument("--vision", default="fp16", type=_vision_mode, choices=("fp16", "int4"),
-                     help="vision tower: fp16, or int4 (RTN, in the AWQ layout); for int8 keep fp16 and load "
-                          "with --placement 'awq[vision=int8]'")
+    awq.add_argument("--vision", default="fp16", choices=("fp16", "int8", "int4"),
+                     help="vision tower: fp16, or weight-only int8/int4 (int4 in the AWQ layout, RTN)")
     awq.add_argument("--n-samples", type=int, default=128, help="calibration windows")
     awq.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     awq.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
@@ -64,15 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     awq.add_argument("--device", default="cpu", help="cpu or cuda (fp16 on CUDA, fp32 on CPU)")
     awq.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     awq.set_defaults(_run=run_awq)
-
-
-def _vision_mode(value: str) -> str:
-    """--vision: int8 gets the reason it is refused and what to do instead (not just 'invalid choice')."""
-    from r1v.converters.awq import INT8_VISION_REFUSED
-
-    if value.lower() == "int8":
-        raise argparse.ArgumentTypeError(f"int8 is {INT8_VISION_REFUSED}")
-    return value.lower()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +82,7 @@ def run_awq(args: argparse.Namespace) -> int:
     print(f"{result.outdir}  ({len(result.files)} files, {size / 1e6:.1f} MB; {result.n_layers} layers{resumed})")
     if result.imatrix:
         print(f"{result.imatrix}  ({result.imatrix.stat().st_size / 1e6:.1f} MB)")
-    print(next_commands_awq(result.outdir, args.vision))
+    print(next_commands_awq(result.outdir))
     return 0
 
 
@@ -105,7 +95,7 @@ def run_gguf(args: argparse.Namespace) -> int:
     )
     for path in result.files:
         print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
-    text = next_commands_gguf(result)
+    text = next_commands_gguf(result, args.quant[0] if args.quant else None)
     if text:
         print(text)
     return 0
@@ -115,12 +105,13 @@ def _line(*words: Any) -> str:
     return "  " + shlex.join(str(w) for w in words)
 
 
-def next_commands_gguf(result: Any) -> str | None:
+def next_commands_gguf(result: Any, quant: str | None = None) -> str | None:
     """What to run with the new files: our CLI, and llama.cpp's own multimodal CLI (--jinja: the file's chat
-    template, with its forced <think>). The first LLM file stands for the others; None when none was written."""
+    template, with its forced <think>). The LLM file of `quant` (the first asked for) stands for the others;
+    None when no LLM file was written."""
     if not result.llm:
         return None
-    llm = next(iter(result.llm.values()))
+    llm = result.llm.get(quant) or next(iter(result.llm.values()))
     mmproj = result.mmproj or next(iter(sorted(llm.parent.glob("mmproj-*.gguf"))), None)
     if mmproj is None:  # text only (--no-mmproj and none from an earlier run)
         return "\n".join(["next:", _line("r1v", "generate", llm, "-p", QUESTION),
@@ -130,12 +121,7 @@ def next_commands_gguf(result: Any) -> str | None:
                             "-p", QUESTION)])
 
 
-def next_commands_awq(outdir: Path, vision: str) -> str:
-    """What to run with a new AWQ checkpoint: our CLI, and vLLM's server (it reads the AutoAWQ GEMM layout;
-    an int8 vision tower is r1v's own layout, which it cannot read)."""
-    lines = ["next:", _line("r1v", "generate", outdir, "--image", IMAGE, "-p", QUESTION)]
-    if vision == "int8":
-        lines.append("  (vLLM and transformers do not read --vision int8: convert with --vision fp16 for them)")
-    else:
-        lines.append(_line("vllm", "serve", outdir, "--trust-remote-code"))
-    return "\n".join(lines)
+def next_commands_awq(outdir: Path) -> str:
+    """What to run with a new AWQ checkpoint: our CLI, and vLLM's server (it reads the AutoAWQ GEMM layout)."""
+    return "\n".join(["next:", _line("r1v", "generate", outdir, "--image", IMAGE, "-p", QUESTION),
+                      _line("vllm", "serve", outdir, "--trust-remote-code")])

@@ -33,6 +33,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "view": ("r1v view answers.jsonl --open",),
     "micro-data": ("r1v micro-data --split validation -n 50 -o val.jsonl",),
     "train-micro": ("r1v train-micro -o micro-ckpt/ --minutes 10",),
+    "ls": ("r1v ls", "r1v ls --json"),
+    "rm": ("r1v rm micro-r1v:q4_k_m", "r1v rm Skywork/Skywork-R1V3-38B-GGUF --yes"),
     "eval": ("r1v eval micro-r1v val.jsonl --quant Q4_K_M --limit 50",
              "r1v eval model-q4_k_m.gguf val.jsonl --reference model-f16.gguf -o q4-vs-f16.json --force"),
 }

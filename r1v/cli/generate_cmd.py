@@ -13,7 +13,8 @@ from typing import Any, Iterable, TextIO
 from r1v.cli.conventions import add_model_positional, quant_name
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-MODEL_HELP = "a .gguf file (mmproj found beside it), a model directory, or a models.yaml name"
+MODEL_HELP = ("a .gguf file (mmproj found beside it), a model directory, a models.yaml name, or a Hugging Face repo "
+              "id Org/Repo[:QUANT]")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, ctx_aliases: tuple[str, ...] = ()) -> None:
@@ -47,7 +48,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, ctx_aliases: tuple[str,
     load.add_argument("--prefix-cache-dir", default=None,
                       help="prefix cache directory (default $R1V_PREFIX_CACHE_DIR, else ~/.cache/r1v/prefix-cache)")
     load.add_argument("--tiling", choices=("internvl", "llamacpp"), default="internvl",
-                      help="image tiling: InternVL's (as trained, default) or libmtmd's own")
+                      help="image tiling: InternVL's (as trained) or libmtmd's own")
     load.add_argument("--chat-template", default=None, help="bundled template name, .jinja file or Jinja text")
     load.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
     load.add_argument("--offline", action="store_true", default=None, help="no downloads: use the cache only")
@@ -185,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("nothing to ask: give --prompt TEXT (or text on stdin) and/or --image IMG")
     try:
         with load(args.model, **load_options(args)) as model:
+            if model.resolved is not None and model.resolved.note:  # which quant / projector of a repo was picked
+                print(model.resolved.note, file=sys.stderr)
             stream = model.stream(prompt, images=args.image, **sampling_overrides(args))
             result = print_stream(stream, args.show_reasoning)
     except (NotImplementedError, MtmdError, RuntimeError) as e:
