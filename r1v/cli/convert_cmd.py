@@ -50,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help='calibration JSONL: {"image": PATH, "question": ...} or {"text": ...} per line '
                           "(default: the built-in set of synthetic images, reasoning and text)")
     awq.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero group")
-    awq.add_argument("--vision", default="fp16", choices=("fp16", "int8", "int4"),
-                     help="vision tower: fp16, or weight-only int8/int4 (int4 in the AWQ layout, RTN)")
+    awq.add_argument("--vision", default="fp16", type=_vision_mode, choices=("fp16", "int4"),
+                     help="vision tower: fp16, or int4 (RTN, in the AWQ layout); for int8 keep fp16 and load "
+                          "with --placement 'awq[vision=int8]'")
     awq.add_argument("--n-samples", type=int, default=128, help="calibration windows")
     awq.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     awq.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
@@ -63,6 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     awq.add_argument("--device", default="cpu", help="cpu or cuda (fp16 on CUDA, fp32 on CPU)")
     awq.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     awq.set_defaults(_run=run_awq)
+
+
+def _vision_mode(value: str) -> str:
+    """--vision: int8 gets the reason it is refused and what to do instead (not just 'invalid choice')."""
+    from r1v.converters.awq import INT8_VISION_REFUSED
+
+    if value.lower() == "int8":
+        raise argparse.ArgumentTypeError(f"int8 is {INT8_VISION_REFUSED}")
+    return value.lower()
 
 
 def run(args: argparse.Namespace) -> int:
