@@ -279,8 +279,24 @@ def test_online_repo_not_found(cache: Path, hub_online, monkeypatch) -> None:
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", missing)
     with pytest.raises(ModelNotFoundError, match=r"^there is no Hugging Face repo 'No/Such' \(or it is private: "
-                                                 r"`hf auth login`\)$"):
+                                                 r"`hf auth login`\), and no file or directory of that name$"):
         resolve_model("No/Such")
+
+
+def test_online_hub_unreachable_falls_back_to_the_cache(cache: Path, hub_online, monkeypatch) -> None:
+    import huggingface_hub
+    from httpx2 import ConnectError
+
+    def unreachable(self, repo_id, **kwargs):
+        raise ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    with pytest.raises(ModelNotAvailable, match=r"its file list could not be fetched \(ConnectError: \[Errno -3\] "
+                                                r"Temporary failure in name resolution\)"):
+        resolve_model(f"{REPO}:Q8_0")
+    make_hub_cache(cache, REPO, MIX, tree=MIX)  # cached before: the cached listing answers
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(_snapshot(cache, repo_id)))
+    assert resolve_model(f"{REPO}:Q8_0").path == _snapshot(cache, REPO) / "R1V-Mix-Q8_0.gguf"
 
 
 # --- config.json only: r1v plan / r1v inspect ----------------------------------------------------------------

@@ -406,8 +406,11 @@ def repo_files(
             raise ModelNotAvailable(f"Hugging Face repo {repo_id} is gated: accept its terms on the Hub and log in "
                                     f"(`hf auth login`) ({e})", repo_id=repo_id, cache_dir=str(cache)) from e
         except RepositoryNotFoundError as e:
-            raise ModelNotFoundError(f"there is no Hugging Face repo {repo_id!r} (or it is private: `hf auth login`)") from e
-        except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as e:  # no network: the cache may still answer
+            raise ModelNotFoundError(f"there is no Hugging Face repo {repo_id!r} (or it is private: `hf auth login`), "
+                                     "and no file or directory of that name") from e
+        except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as e:  # the Hub unreachable: the cache may answer
+            cause = e
+        except Exception as e:  # the HTTP client's own connection errors (httpx), not OSErrors
             cause = e
     cached = _cached_repo_files(repo_id, cache)
     if cached is None:
