@@ -170,7 +170,7 @@ def test_rm_unknown_name_lists_what_there_is(caches: dict[str, Path], capsys) ->
     assert cli_main(["rm", "nano-r1v", "--yes"]) == 2
     err = capsys.readouterr().err
     assert err == ("r1v rm: error: no model 'nano-r1v' on disk; `r1v ls` shows: micro-r1v:awq, "
-                   "micro-r1v:{q4_k_m,q8_0}, Skywork/Skywork-R1V3-38B-AWQ, Someone/R1V-Mix-GGUF:{q4_k_m,q8_0}, "
+                   "micro-r1v[:q4_k_m|q8_0], Skywork/Skywork-R1V3-38B-AWQ, Someone/R1V-Mix-GGUF[:q4_k_m|q8_0], "
                    "prefix-cache\n")
 
 

@@ -66,7 +66,7 @@ def plan_removal(name: str, items: list[Item]) -> Removal:
                 return _quant_removal(item, tag.lower(), item.path.parent)
             raise RemoveError(f"{item.name} holds no GGUF quant {tag!r}; it has: "
                               f"{', '.join(q.upper() for q in item.quants) or 'none'}")
-    known = ", ".join(i.name + (f":{{{','.join(i.quants)}}}" if i.quants else "") for i in items) or "nothing"
+    known = ", ".join(i.name + (f"[:{'|'.join(i.quants)}]" if i.quants else "") for i in items) or "nothing"
     raise RemoveError(f"no model {name!r} on disk; `r1v ls` shows: {known}")
 
 
