@@ -247,6 +247,19 @@ def test_any_checkpoint_repo_config_first(cache: Path, calls: list[dict], tiny_3
     assert [c["allow_patterns"] for c in calls] == [CONFIG_FILES, CHECKPOINT_FILES]
 
 
+def test_any_awq_repo(cache: Path, calls: list[dict], tiny_300m: Path) -> None:
+    files = _checkpoint_files(tiny_300m)
+    config = json.loads(files["config.json"])
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
+    files["config.json"] = json.dumps(config).encode()
+    files["R1V-Q4_K_M.gguf"] = G + b"also converted"  # GGUF files beside a checkpoint: used only when asked for
+    make_hub_cache(cache, "Someone/tiny-r1v-AWQ", files, tree=files)
+    r = resolve_model("Someone/tiny-r1v-AWQ")
+    assert (r.format, r.note) == ("awq", "Someone/tiny-r1v-AWQ: the awq checkpoint")
+    assert [c["allow_patterns"] for c in calls] == [CONFIG_FILES, CHECKPOINT_FILES]
+    assert resolve_model("Someone/tiny-r1v-AWQ:Q4_K_M").path.name == "R1V-Q4_K_M.gguf"
+
+
 def test_checkpoint_repo_of_another_model_fetches_only_config(cache: Path, hub_online) -> None:
     remote, requests = hub_online
     remote["Meta/Llama"] = {"config.json": json.dumps({"architectures": ["LlamaForCausalLM"]}).encode(),
