@@ -27,6 +27,8 @@ from .options import ContextOverflowError, LoadOptions, MismatchedProjectorError
 from .reasoning import ReasoningParser, Round, parse_rounds, split_reasoning
 
 if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .backends.prompt import Run
     from .image import TilingConfig
     from .files.resolve import ResolvedModel
 
@@ -177,7 +179,7 @@ class _TextAssembler:
 class _Active:
     """The run behind the Model's current stream."""
 
-    def __init__(self, run: Any):
+    def __init__(self, run: Run):
         self.run, self.cancelled = run, False
 
 
@@ -189,7 +191,7 @@ class Model:
     request ends a stream left unfinished. `close()` (or ``with``) frees the native memory.
     """
 
-    def __init__(self, backend: Any, resolved: ResolvedModel | None, options: LoadOptions):
+    def __init__(self, backend: Backend, resolved: ResolvedModel | None, options: LoadOptions):
         from .chat import resolve_template
 
         self._backend = backend
@@ -217,6 +219,7 @@ class Model:
 
     @property
     def has_vision(self) -> bool:
+        # getattr: the scripted stand-ins of the tests give only path, n_ctx, template, prepare, start, close
         return getattr(self._backend, "has_vision", self._backend.mmproj_path is not None)
 
     @property
@@ -315,8 +318,8 @@ class Model:
                 completion_tokens=len(tokens), prefill_seconds=stats.prefill_seconds,
                 image_seconds=stats.image_seconds, time_to_first_token=stats.time_to_first_token,
                 decode_seconds=stats.decode_seconds, images=[ImageInfo(*i) for i in stats.images],
-                seed=stats.seed, prompt=rendered.text, restored_tokens=getattr(stats, "restored_tokens", 0),
-                estimated_prefill_seconds=getattr(stats, "estimated_prefill_seconds", None),
+                seed=stats.seed, prompt=rendered.text, restored_tokens=stats.restored_tokens,
+                estimated_prefill_seconds=stats.estimated_prefill_seconds,
             )
             kind: Kind = "reasoning" if text.parser.in_reasoning else "content"
             yield StreamChunk("", kind, None, finish, result)
@@ -369,6 +372,7 @@ def load(source: str | Path, options: LoadOptions | None = None, **overrides: An
         options = dataclasses.replace(options, **overrides)
     resolved = resolve_model(source, quant=options.quant, mmproj=options.mmproj, cache_dir=options.cache_dir,
                              offline=options.offline)
+    backend: Backend
     if resolved.format == "gguf":
         from .backends.llamacpp.backend import LlamaCppBackend
 

@@ -1,24 +1,48 @@
-"""What both backends (llama.cpp, AWQ) make of a request: images laid out but not encoded yet, the prompt
-as segments and positions, and a run whose statistics fill in while it is iterated."""
+"""What both backends (llama.cpp, AWQ) make of a request: images laid out but not encoded yet (keyed by
+`ImageKey`), the prompt as segments and positions, the spans it is evaluated in, and a run whose statistics
+fill in while it is iterated."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 from ..image import TilingConfig
 
-__all__ = ["ImageSlot", "Prompt", "Run", "RunStats", "TextPiece", "interleave", "tokenize_pieces", "wrap_text_pieces"]
+__all__ = ["ImageKey", "ImageSlot", "Prompt", "Run", "RunStats", "Span", "TextPiece", "image_digest", "interleave",
+           "segment_positions", "spans", "tokenize_pieces", "wrap_text_pieces"]
 
 # The text between two images: a string (all of it parsed for special tokens), or (text, parse_special)
 # fragments, as `RenderedPrompt.fragments` gives them (message text not parsed for special tokens).
 TextPiece = Union[str, Sequence[tuple[str, bool]]]
 
 
+def image_digest(image: Any) -> str:
+    """A digest of a PIL RGB image's pixels and size."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(f"{image.width}x{image.height}".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageKey:
+    """What an image's embeddings follow from: its pixels and how it is laid out. The one key of the image
+    embedding cache and of an image's positions in the KV cache (equal keys: equal embeddings), on every backend.
+
+    `tiling` "internvl": cut here by InternVL's rule; the tiles follow from the grid (min/max tiles only pick
+    it) and the thumbnail. "llamacpp": libmtmd lays the image out itself from its size (no grid here)."""
+
+    digest: str  # `image_digest`
+    tiling: Literal["internvl", "llamacpp"]
+    grid: tuple[int, int] | None = None  # (columns, rows)
+    thumbnail: bool = False  # a thumbnail tile follows the grid
+
+
 @dataclass(frozen=True)
 class ImageSlot:
     """One image of a prompt, loaded and laid out but not encoded yet."""
 
-    key: tuple
+    key: ImageKey
     image: Any  # PIL RGB
     grid: tuple[int, int] | None  # None: laid out by libmtmd's own tiling
     tiles: int
@@ -45,6 +69,46 @@ class Prompt:
         return [(s.grid, s.tiles) for s in self.segments if isinstance(s, ImageSlot)]
 
 
+def segment_positions(segment: list[int] | ImageSlot) -> int:
+    return segment.n_positions if isinstance(segment, ImageSlot) else len(segment)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Prompt positions `start` .. `end`-1 that one engine call evaluates: `parts` are (segment index, first,
+    end) within each segment, in order; `logits`: the span ends the prompt (the engine keeps its last logits)."""
+
+    start: int
+    end: int
+    parts: tuple[tuple[int, int, int], ...]
+    logits: bool
+
+
+def spans(prompt: Prompt, keep: int, n_batch: int, *, across_segments: bool) -> Iterator[Span]:
+    """The spans that evaluate `prompt` from position `keep` on, at most `n_batch` positions each. Across
+    segments: every `n_batch` positions from `keep` (a span may hold text and image positions). Otherwise each
+    segment on its own, split every `n_batch` positions from where it starts to be evaluated."""
+    total = prompt.n_positions
+    if across_segments:
+        for start in range(keep, total, n_batch):
+            end, parts, pos = min(start + n_batch, total), [], 0
+            for i, segment in enumerate(prompt.segments):
+                n = segment_positions(segment)
+                a, b = max(start, pos) - pos, min(end, pos + n) - pos
+                if a < b:
+                    parts.append((i, a, b))
+                pos += n
+            yield Span(start, end, tuple(parts), end == total)
+        return
+    pos = 0
+    for i, segment in enumerate(prompt.segments):
+        n = segment_positions(segment)
+        for begin in range(max(keep - pos, 0), n, n_batch):
+            end = min(begin + n_batch, n)
+            yield Span(pos + begin, pos + end, ((i, begin, end),), pos + end == total)
+        pos += n
+
+
 @dataclass
 class RunStats:
     prompt_tokens: int = 0
@@ -58,16 +122,20 @@ class RunStats:
     images: list[Any] = field(default_factory=list)
     seed: int | None = None
 
+    @classmethod
+    def of(cls, prompt: Prompt) -> RunStats:
+        """What is known before evaluation: the prompt's size, its images, the image budget's estimate."""
+        estimate = prompt.tile_choice.estimated_seconds if prompt.tile_choice is not None else None
+        return cls(prompt_tokens=prompt.n_positions, images=prompt.images, estimated_prefill_seconds=estimate)
+
 
 class Run:
-    """An accepted request: iterate to evaluate the prompt and sample (`backend._generate` yields
-    (token, piece, end) triples); `stats` fill in as it goes."""
+    """An accepted request: iterating `steps` evaluates the prompt and samples, yielding (token, piece, end)
+    triples; `stats` fill in as it goes; `close()` stops it."""
 
-    def __init__(self, backend: Any, prompt: Prompt, params: Any, max_new: int):
-        estimate = prompt.tile_choice.estimated_seconds if prompt.tile_choice is not None else None
-        self.stats = RunStats(prompt_tokens=prompt.n_positions, images=prompt.images,
-                              estimated_prefill_seconds=estimate)
-        self._gen = backend._generate(prompt, params, max_new, self.stats)
+    def __init__(self, steps: Iterator[tuple[int, bytes, bool]], stats: RunStats):
+        self.stats = stats
+        self._gen = steps
 
     def __iter__(self) -> Iterator[tuple[int, bytes, bool]]:
         return self._gen

@@ -1,7 +1,6 @@
 """The AWQ backend: an AutoAWQ GEMM checkpoint run by the torch reference model with quantized linears.
 
-Same interface as the llama.cpp backend (`path`, `n_ctx`, `chat_template`, `special_texts`, `tokenize`, `piece`,
-`detokenize`, `prepare`, `start`, `logprobs`, `reset`, `close`), so `r1v.load(awq_dir)` gives the same
+The same `base.Backend` surface as the llama.cpp backend, so `r1v.load(awq_dir)` gives the same
 `Model.generate` / `Model.stream`.
 
 - Weights: `loader.load_awq` (placement from `placement` / `device_memory` / the GPU's size; see there).
@@ -21,29 +20,28 @@ Same interface as the llama.cpp backend (`path`, `n_ctx`, `chat_template`, `spec
 - Sampling: `sampling.Sampler`, the llama.cpp chain's meaning; temperature 0 is greedy.
 - `logprobs(prompt, tokens)`: teacher-forced log-probabilities, as the llama.cpp backend gives them (`r1v eval`).
 
+The request loop (prefix reuse, image embeddings and their cache, timings, stop and overflow checks, scoring) is
+`base.BaseBackend`'s; this class is the torch engine under it.
+
 Not here (llama.cpp backend only): the on-disk prefix cache (`prefix_cache` options are ignored), the
 `image_budget` tile choice, and libmtmd's own tiling.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
-import time
-from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from r1v.converters.checkpoint import open_checkpoint
 
-from ...options import ContextOverflowError, LoadOptions, SamplingParams
-from ...image import TilingConfig, choose_grid, load_image, normalize, tile_image
+from ...options import LoadOptions, SamplingParams
+from ...image import TilingConfig, normalize, tile_image
 from ...model import KVCache, extract_feature
 from ...model.decode import StaticDecoder
-from ..prompt import ImageSlot, Prompt, Run, RunStats, TextPiece, interleave, tokenize_pieces, wrap_text_pieces
+from ..base import BaseBackend
+from ..prompt import ImageSlot, Prompt, Span
 from . import int4, kernels
 from .loader import KERNELS, LoadedAWQ, load_awq, weight_bytes
 from .sampling import Sampler
@@ -51,7 +49,8 @@ from .tokenizer import AWQTokenizer
 
 __all__ = ["AWQBackend", "choose_kernel"]
 
-IMG_START, IMG_END = "<img>", "</img>"
+IMAGE_BUDGET = "image_budget is an option of the llama.cpp backend; with an AWQ model give max_tiles"
+
 VISION_TILES = 4  # tiles per vision-tower call
 # Tokens that end a generation besides the configured EOS ids (llama.cpp's end-of-generation set does the same).
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
@@ -76,15 +75,15 @@ def choose_kernel(kernel: str | None, device: torch.device) -> str:
     return kernel
 
 
-class AWQBackend:
+class AWQBackend(BaseBackend):
+    across_segments = True  # prefill chunks of n_batch positions, text and image positions alike
+
     def __init__(self, path: str | os.PathLike[str], options: LoadOptions):
-        self.path = Path(path)
-        self.mmproj_path: Path | None = None  # the vision tower is inside the checkpoint
-        self.options = options
+        super().__init__(path, None, options)  # no mmproj: the vision tower is inside the checkpoint
         if options.tiling != "internvl":
             raise ValueError("the AWQ backend tiles images as InternVL does; tiling='llamacpp' is for GGUF models")
         if options.image_budget is not None:
-            raise ValueError("image_budget is an option of the llama.cpp backend; with an AWQ model give max_tiles")
+            raise ValueError(IMAGE_BUDGET)
         device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.kernel = choose_kernel(options.kernel, device)
         if options.n_threads and device.type == "cpu":
@@ -118,14 +117,7 @@ class AWQBackend:
         self.tiling = TilingConfig(image_size=cfg.image_size, min_tiles=min(cfg.min_dynamic_patch, max_tiles),
                                    max_tiles=max_tiles, use_thumbnail=cfg.use_thumbnail)
         self.tokens_per_tile = cfg.tokens_per_tile
-        self._img_tokens = []
-        for tag in (IMG_START, IMG_END):
-            ids = self.tokenize(tag)
-            if len(ids) != 1:
-                raise ValueError(f"{self.path}: the vocabulary has no {tag} token; not an InternVL-chat / R1V model")
-            self._img_tokens.append(ids[0])
-        self._kv: list[Any] = []
-        self._image_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._read_image_tags()
         graphs = os.environ.get("R1V_CUDA_GRAPHS", "1") not in ("0", "", "false", "no")
         self.decoder = StaticDecoder(self.model.language_model, self.cache, graphs=graphs)
         if self.device.type == "cuda":
@@ -173,113 +165,29 @@ class AWQBackend:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.detokenize(tokens)
 
-    # --- prompts --------------------------------------------------------------------------------------
-    def prepare(self, pieces: Sequence[TextPiece], images: Sequence[Any], *, max_tiles: int | None = None,
-                image_budget: float | None = None) -> Prompt:
-        """Tokenize the text pieces (`tokenize_pieces`), load the images and lay them out; no model work yet. `max_tiles`
-        overrides the load option for this prompt's images."""
-        self._live()
-        if len(pieces) != len(images) + 1:
-            raise ValueError(f"{len(pieces)} text pieces for {len(images)} images")
+    # --- the engine under the request loop ----------------------------------------------------------
+    def _check_request(self, images: Sequence[Any], max_tiles: int | None, image_budget: float | None) -> None:
         if image_budget is not None:
-            raise ValueError("image_budget is an option of the llama.cpp backend; with an AWQ model give max_tiles")
-        tiling = self.tiling
-        if max_tiles is not None:
-            if max_tiles < 1:
-                raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
-            tiling = dataclasses.replace(tiling, max_tiles=max_tiles, min_tiles=min(tiling.min_tiles, max_tiles))
-        slots = [self._slot(source, tiling) for source in images]
-        texts = wrap_text_pieces(tokenize_pieces(self.tokenize, pieces), len(slots),
-                                 self._bos if self._add_bos else None, self._img_tokens)
-        segments, items = interleave(texts, slots)
-        return Prompt(segments, items, sum(s.n_positions for s in slots))
-
-    def _slot(self, source: Any, tiling: TilingConfig) -> ImageSlot:
-        image = load_image(source, tiling)  # ImageError naming the source
-        width, height = image.size
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
-        digest.update(f"{width}x{height}".encode())
-        key = (digest.hexdigest(), "internvl", tiling.max_tiles)
-        grid = choose_grid(width, height, tiling)
-        tiles = grid[0] * grid[1]
-        tiles += int(tiling.use_thumbnail and tiles != 1)
-        return ImageSlot(key, image, grid, tiles, tiles * self.tokens_per_tile, tiling)
+            raise ValueError(IMAGE_BUDGET)
+        super()._check_request(images, max_tiles, image_budget)
 
     @torch.inference_mode()
-    def _embeddings(self, slot: ImageSlot) -> torch.Tensor:
-        """[n_positions, hidden] image embeddings in the compute dtype, on the device (cached)."""
-        cached = self._image_cache.get(slot.key)
-        if cached is not None:
-            self._image_cache.move_to_end(slot.key)
-            return cached
+    def _encode_image(self, slot: ImageSlot) -> torch.Tensor:
+        """[n_positions, hidden] image embeddings in the compute dtype, on the device."""
         pixels = torch.from_numpy(normalize(tile_image(slot.image, slot.tiling)))
         cfg, m = self.config, self.model
         parts = [extract_feature(m.vision_model, m.mlp1, pixels[i:i + VISION_TILES].to(self.device, self.dtype),
                                  cfg.downsample_ratio, cfg.ps_version) for i in range(0, len(pixels), VISION_TILES)]
-        embeddings = torch.cat(parts).reshape(-1, parts[0].shape[-1])
-        if embeddings.shape[0] != slot.n_positions:
-            raise RuntimeError(f"the vision tower gave {embeddings.shape[0]} embeddings for an image laid out as "
-                               f"{slot.n_positions} positions")
-        if self.options.image_cache:
-            self._image_cache[slot.key] = embeddings
-            while len(self._image_cache) > self.options.image_cache:
-                self._image_cache.popitem(last=False)
-        return embeddings
+        return torch.cat(parts).reshape(-1, parts[0].shape[-1])
 
-    # --- generation -----------------------------------------------------------------------------------
-    def start(self, prompt: Prompt, params: SamplingParams) -> Run:
-        self._live()
-        n = prompt.n_positions
-        if n >= self.n_ctx:
-            images = f", {prompt.image_positions} of them for images" if prompt.image_positions else ""
-            raise ContextOverflowError(
-                f"the prompt is {n} tokens{images}, but the context window is {self.n_ctx} tokens (n_ctx), "
-                f"which leaves no room for an answer; load with a larger n_ctx, shorten the conversation, or "
-                f"use fewer or smaller images (max_tiles)", prompt_tokens=n, n_ctx=self.n_ctx)
-        return Run(self, prompt, params, min(params.max_tokens, self.n_ctx - n))
-
-    def _generate(self, prompt: Prompt, params: SamplingParams, max_new: int,
-                  stats: RunStats) -> Iterator[tuple[int, bytes, bool]]:
-        start = time.perf_counter()
-        items = prompt.items
-        keep = 0
-        limit = min(len(self._kv), len(items) - 1)  # the last prompt position is always evaluated: its logits
-        while keep < limit and self._kv[keep] == items[keep]:
-            keep += 1
-        self._truncate(keep)
-        stats.cached_tokens = keep
-
-        embeddings: dict[int, torch.Tensor] = {}
-        pos = 0
-        for i, segment in enumerate(prompt.segments):
-            n = segment.n_positions if isinstance(segment, ImageSlot) else len(segment)
-            if isinstance(segment, ImageSlot) and pos + n > keep:
-                embeddings[i] = self._embeddings(segment)
-            pos += n
-        self._sync()
-        stats.image_seconds = time.perf_counter() - start
-
-        sampler = Sampler(params, self.n_ctx)
-        stats.seed = sampler.seed
-        for token in (t for t in items if isinstance(t, int)):  # the penalty window starts in the prompt
+    def _sampler(self, params: SamplingParams, prompt: Prompt) -> _AcceptingSampler:
+        sampler = _AcceptingSampler(params, self.n_ctx)
+        for token in (t for t in prompt.items if isinstance(t, int)):  # the penalty window starts in the prompt
             sampler.accept(token)
-        logits = self._evaluate(prompt, embeddings, keep)
-        self._sync()
-        stats.prefill_seconds = time.perf_counter() - start
-        first = 0.0
-        for n in range(1, max_new + 1):
-            token = sampler.sample(logits)
-            now = time.perf_counter()
-            if n == 1:
-                first = now
-                stats.time_to_first_token = now - start
-            stats.decode_seconds = now - first
-            sampler.accept(token)
-            end = token in self._end_ids
-            yield token, self.piece(token), end
-            if end or n == max_new:
-                return
-            logits = self._step(token)
+        return sampler
+
+    def _is_end(self, token: int) -> bool:
+        return token in self._end_ids
 
     def _embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
         table = self.model.language_model.model.embed_tokens
@@ -292,37 +200,29 @@ class AWQBackend:
         every one ([T, vocab]) when it is "all"."""
         llm = self.model.language_model
         hidden = llm.model(embeds[None], self.cache)
-        self._kv.extend(items)
+        self.sequence.positions.extend(items)
         if not logits:
             return None
         return llm.lm_head(hidden[0] if logits == "all" else hidden[0, -1]).float()
 
-    def _evaluate(self, prompt: Prompt, embeddings: dict[int, torch.Tensor], keep: int) -> torch.Tensor:
-        """Evaluate the prompt from position `keep` on in chunks of n_batch positions (a chunk may span text
-        and images); the logits of the last position."""
-        total = prompt.n_positions
-        logits = None
-        for start in range(keep, total, self.n_batch):
-            end = min(start + self.n_batch, total)
-            parts = []
-            pos = 0
-            for i, segment in enumerate(prompt.segments):
-                image = isinstance(segment, ImageSlot)
-                n = segment.n_positions if image else len(segment)
-                a, b = max(start, pos) - pos, min(end, pos + n) - pos
-                if a < b:
-                    parts.append(embeddings[i][a:b] if image else self._embed_tokens(segment[a:b]))
-                pos += n
-            embeds = parts[0] if len(parts) == 1 else torch.cat(parts)
-            logits = self._forward(embeds, prompt.items[start:end], end == total)
-        assert logits is not None
-        return logits
+    def _evaluate_span(self, prompt: Prompt, span: Span, embeddings: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """One chunk of the prompt (it may span text and images) in one forward."""
+        parts = [embeddings[i][a:b] if isinstance(prompt.segments[i], ImageSlot)
+                 else self._embed_tokens(prompt.segments[i][a:b]) for i, a, b in span.parts]
+        embeds = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._forward(embeds, prompt.items[span.start:span.end], span.logits)
 
     def _step(self, token: int) -> torch.Tensor:
         """One decode step: fixed shapes (a replayed CUDA graph on the GPU), see `model.decode`."""
         logits = self.decoder.step(self._embed_tokens((token,)))
-        self._kv.append(token)
+        self.sequence.positions.append(token)
         return logits
+
+    def _score_tokens(self, tokens: list[int]) -> np.ndarray:
+        return self._forward(self._embed_tokens(tokens), tokens, "all").cpu().numpy()
+
+    def _logits_row(self, logits: torch.Tensor) -> np.ndarray:
+        return logits.float().cpu().numpy()
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
@@ -337,49 +237,37 @@ class AWQBackend:
         extract_feature(self.model.vision_model, self.model.mlp1, pixels, cfg.downsample_ratio, cfg.ps_version)
         self.decoder.capture()
 
-    def logprobs(self, prompt: Prompt, tokens: Sequence[int]) -> np.ndarray:
-        """Teacher forcing: float32 log-probabilities [len(tokens), n_vocab], row i the distribution after the
-        prompt and tokens[:i] (`r1v eval`). Evaluates from an empty cache (the cache then holds both)."""
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            return np.zeros((0, self.n_vocab), np.float32)
-        n = prompt.n_positions + len(tokens) - 1
-        if n > self.n_ctx:
-            raise ContextOverflowError(f"scoring needs {n} positions, but the context window is {self.n_ctx} "
-                                       "tokens (n_ctx)", prompt_tokens=n, n_ctx=self.n_ctx)
-        self.reset()
-        embeddings = {i: self._embeddings(s) for i, s in enumerate(prompt.segments) if isinstance(s, ImageSlot)}
-        rows = [self._evaluate(prompt, embeddings, 0)[None]]
-        rest = tokens[:-1]
-        for begin in range(0, len(rest), self.n_batch):
-            chunk = rest[begin:begin + self.n_batch]
-            rows.append(self._forward(self._embed_tokens(chunk), chunk, "all"))
-        return torch.log_softmax(torch.cat(rows).double(), dim=-1).float().cpu().numpy()
-
-    def _truncate(self, keep: int) -> None:
-        """Forget positions from `keep` on (the static cache is simply overwritten later)."""
-        del self._kv[keep:]
+    def _truncate_cache(self, keep: int) -> int:
+        """The static cache is simply overwritten later."""
         self.cache.length = keep
+        return keep
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def reset(self) -> None:
-        self._live()
-        self._truncate(0)
-
     # --- lifetime -------------------------------------------------------------------------------------
-    def _live(self) -> None:
-        if self.cache is None:
-            raise RuntimeError(f"the model {self.path.name} is closed")
+    def _is_open(self) -> bool:
+        return self.cache is not None
 
     def close(self) -> None:
         self.cache = self.decoder = None
         self.model = self.loaded = None
-        self._image_cache.clear()
+        super().close()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class _AcceptingSampler(Sampler):
+    """`sampling.Sampler` as a `base.TokenSampler`: each sampled token joins the penalty window."""
+
+    def sample(self, logits: torch.Tensor) -> int:
+        token = super().sample(logits)
+        self.accept(token)
+        return token
+
+    def close(self) -> None:
+        pass
 
 
 def _token_text(token: Any) -> str:
