@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 
 from .checkpoint import Checkpoint, read_json
-from .config import IMAGENET_MEAN, IMAGENET_STD, R1VConfig
+from .config import IMAGENET_MEAN, IMAGENET_STD, R1VConfig, VisionConfig
 from .errors import CheckpointError
 from .gguf_common import (
     DIRECT_TYPES, FILE_TYPES, ConversionError, PlannedTensor, QType, add_provenance, storage_type, write_gguf,
@@ -89,10 +89,19 @@ _BLOCK_RE = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$")
 # the position embedding row by row, so with the checkpoint's [cls, patch 0..N-1] rows every patch would get
 # its left neighbour's position and the CLS token the last patch's (the defect llama.cpp PR #25844 fixes for
 # the llava graph; the internvl graph has the same concat). The attention itself does not care where the CLS
-# token sits, so storing the rows as [patch 0..N-1, cls] makes llama.cpp compute exactly InternViT. The
-# mmproj parity test (tests/test_gguf_mmproj.py) fails if a newer llama.cpp puts the CLS token first again.
+# token sits, so storing the rows as [patch 0..N-1, cls] makes llama.cpp compute exactly InternViT. A llama.cpp
+# with the fix puts the CLS token first and wants the checkpoint's order: the runtime probes which one the
+# library wants and opens a reordered copy where they differ (runtime/backends/llamacpp/position_order.py).
 POSITION_ORDER_KEY = "r1v.vision.position_embd_order"
-POSITION_ORDER = "patches,cls"  # the checkpoint's order is "cls,patches"
+POSITION_ORDER = "patches,cls"  # what we write: right for llama.cpp's graph as it is (class token appended)
+CHECKPOINT_POSITION_ORDER = "cls,patches"  # the checkpoint's (and llama.cpp's own converter's) order
+POSITION_ORDERS = (POSITION_ORDER, CHECKPOINT_POSITION_ORDER)
+# Which llama.cpp builds a file in POSITION_ORDER is exact for; `r1v convert gguf` prints it.
+POSITION_ORDER_NOTE = (
+    "position rows patches,cls: exact for llama.cpp builds without PR #25844 (class token after the patches, "
+    "llama.cpp #25814; all up to at least the one in llama-cpp-python 0.3.36). With the fix r1v.load adapts by "
+    "itself; for llama.cpp's own tools: python -m r1v.runtime.backends.llamacpp.position_order MMPROJ OUT "
+    "--order cls,patches")
 
 
 # --- what stock llama.cpp can run ---------------------------------------------------------------------------
@@ -270,36 +279,44 @@ def image_mean_std(ckpt: Checkpoint) -> tuple[list[float], list[float]]:
 
 def _kv_writer(ckpt: Checkpoint, out_type: str, block_count: int) -> Callable[[gguf.GGUFWriter], None]:
     cfg = ckpt.config
-    v = cfg.vision
     mean, std = image_mean_std(ckpt)
 
     def add_kv(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MMPROJ)
         w.add_name(ckpt.name)
         w.add_file_type(FILE_TYPES[out_type])
-        w.add_clip_has_vision_encoder(True)
-        w.add_clip_projector_type(PROJECTOR_TYPE)
-        w.add_vision_projection_dim(cfg.llm.hidden_size)
-        w.add_vision_image_size(v.image_size)
-        w.add_vision_patch_size(v.patch_size)
-        w.add_vision_embedding_length(v.hidden_size)
-        w.add_vision_feed_forward_length(v.intermediate_size)
-        w.add_vision_block_count(block_count)
-        w.add_vision_head_count(v.num_attention_heads)
-        w.add_vision_attention_layernorm_eps(v.layer_norm_eps)
-        w.add_vision_image_mean(mean)
-        w.add_vision_image_std(std)
-        if v.hidden_act == "silu":
-            w.add_vision_use_silu(True)
-        else:
-            w.add_vision_use_gelu(True)
-        w.add_vision_projector_scale_factor(round(1 / cfg.downsample_ratio))
-        w.add_vision_preproc_min_tiles(cfg.min_dynamic_patch)
-        w.add_vision_preproc_max_tiles(cfg.max_dynamic_patch)
-        w.add_string(POSITION_ORDER_KEY, POSITION_ORDER)
+        add_vision_kv(w, cfg.vision, block_count=block_count, projection_dim=cfg.llm.hidden_size,
+                      scale_factor=round(1 / cfg.downsample_ratio), tiles=(cfg.min_dynamic_patch, cfg.max_dynamic_patch),
+                      mean=mean, std=std)
         add_provenance(w, ckpt.name, cfg.sha256, out_type)
 
     return add_kv
+
+
+def add_vision_kv(w: gguf.GGUFWriter, v: VisionConfig, *, block_count: int, projection_dim: int, scale_factor: int,
+                  tiles: tuple[int, int], mean: list[float], std: list[float],
+                  position_order: str = POSITION_ORDER) -> None:
+    """The clip.* keys libmtmd reads for an InternVL ViT + projector, and the position rows' order."""
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type(PROJECTOR_TYPE)
+    w.add_vision_projection_dim(projection_dim)
+    w.add_vision_image_size(v.image_size)
+    w.add_vision_patch_size(v.patch_size)
+    w.add_vision_embedding_length(v.hidden_size)
+    w.add_vision_feed_forward_length(v.intermediate_size)
+    w.add_vision_block_count(block_count)
+    w.add_vision_head_count(v.num_attention_heads)
+    w.add_vision_attention_layernorm_eps(v.layer_norm_eps)
+    w.add_vision_image_mean(mean)
+    w.add_vision_image_std(std)
+    if v.hidden_act == "silu":
+        w.add_vision_use_silu(True)
+    else:
+        w.add_vision_use_gelu(True)
+    w.add_vision_projector_scale_factor(scale_factor)
+    w.add_vision_preproc_min_tiles(tiles[0])
+    w.add_vision_preproc_max_tiles(tiles[1])
+    w.add_string(POSITION_ORDER_KEY, position_order)
 
 
 # --- the file -----------------------------------------------------------------------------------------------

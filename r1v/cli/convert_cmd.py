@@ -103,8 +103,11 @@ def run_gguf(args: argparse.Namespace) -> int:
         args.checkpoint, args.outdir, args.quant, args.mmproj_quant, name=args.name,
         pre_tokenizer=args.pre_tokenizer, imatrix=args.imatrix, threads=args.threads, progress=args.progress,
     )
+    from r1v.converters.gguf_mmproj import POSITION_ORDER_NOTE
+
     for path in result.files:
-        print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
+        note = f"; {POSITION_ORDER_NOTE}" if path == result.mmproj else ""  # the llama.cpp builds it is exact for
+        print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB{note})")
     text = next_commands_gguf(result, args.quant[0] if args.quant else None)
     if text:
         print(text)

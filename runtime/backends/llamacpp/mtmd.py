@@ -12,7 +12,11 @@ What libmtmd does with an InternVL mmproj (llama.cpp as vendored by llama-cpp-py
   (bicubic), cut in row order, plus a 448x448 overview of the whole image (stretched, bicubic) *after* the
   tiles. This is not InternVL's ``dynamic_preprocess`` (closest aspect ratio, stretched); see
   `TileLayout` and the tiling test for where the two disagree;
-* each tile is one image chunk of ``tokens_per_tile`` tokens (256 for a 448 ViT with downsample 0.5).
+* each tile is one image chunk of ``tokens_per_tile`` tokens (256 for a 448 ViT with downsample 0.5);
+* its InternVL graph appends the class token after the patches (llama.cpp #25814), so our files store the
+  position rows patches-then-class; a llama.cpp with the fix (PR #25844) wants the checkpoint's order. An
+  `MtmdContext` asks the library which it wants (`library_position_order`: a probe run once per library
+  build, see `position_order`) and, where the file's order differs, opens a copy with the rows moved.
 
 libmtmd does not expose the grid it chose; `TileLayout.grid` is read from its debug log line ("adding N
 slices (R rows x C cols)"), which this module routes into Python logging (logger ``r1v.mtmd``) once the first
@@ -38,11 +42,12 @@ from llama_cpp import llama_cpp as _ll
 from llama_cpp import mtmd_cpp as _mt
 from llama_cpp._logger import set_verbose as _set_llama_verbose
 
+from . import position_order as _order
 from .llama_params import model_params
 
 __all__ = [
     "Chunk", "ImageEmbedding", "ImageSpan", "MtmdContext", "MtmdError", "TextModel", "TileLayout",
-    "TokenizedPrompt", "rgb_array",
+    "TokenizedPrompt", "library_position_order", "rgb_array",
 ]
 
 log = logging.getLogger("r1v.mtmd")
@@ -327,13 +332,17 @@ class MtmdContext:
 
     def __init__(self, mmproj: str | os.PathLike[str], text_model: TextModel | Any, *,
                  n_threads: int | None = None, use_gpu: bool = True, warmup: bool = False,
-                 media_marker: str | None = None):
+                 media_marker: str | None = None, match_position_order: bool = True):
+        """`match_position_order`: give libmtmd an InternVL file's position rows in the order this library
+        build wants (`library_position_order`), through a cached copy where the file's order differs;
+        `loaded_path` says which file libmtmd opened."""
         mmproj = Path(mmproj)
         if not mmproj.is_file():
             raise MtmdError(f"{mmproj}: mmproj file not found")
         _backend_init()
         _install_log()
         model = _model_pointer(text_model)
+        self.loaded_path = _matching_file(mmproj, model) if match_position_order else mmproj
         params = _mt.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.n_threads = n_threads or max(1, os.cpu_count() or 1)
@@ -342,7 +351,7 @@ class MtmdContext:
         marker = (media_marker or _mt.mtmd_default_marker().decode()).encode()
         params.media_marker = marker
         with _capturing() as lines:
-            ctx = _mt.mtmd_init_from_file(str(mmproj).encode(), model, params)
+            ctx = _mt.mtmd_init_from_file(str(self.loaded_path).encode(), model, params)
         if not ctx:
             errors = " ".join(line.strip() for line in lines
                               if any(word in line.lower() for word in ("error", "failed", "mismatch")))
@@ -484,3 +493,68 @@ class MtmdContext:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- the class token's place (llama.cpp #25814) -------------------------------------------------------------
+
+_LIBRARY_ORDER: dict[str, str] = {}
+
+
+def _library_key() -> str:
+    import llama_cpp as package
+
+    return _order.library_key([_ll._lib._name, _mt._libmtmd._name], package.__version__)
+
+
+def library_position_order(text_model: TextModel | Any, *, refresh: bool = False) -> str:
+    """The position-row order this llama.cpp build's InternVL graph wants ("patches,cls" while it appends the
+    class token after the patches, "cls,patches" once it puts it first): found by encoding one tile of the
+    `position_order` probe mmproj beside `text_model` (any loaded text model: only its width is used), once
+    per library build (kept in memory and on disk; `refresh` probes again)."""
+    key = _library_key()
+    found = None if refresh else (_LIBRARY_ORDER.get(key) or _order.stored_order(key))
+    if found is None:
+        found = probe_position_order(text_model).order
+        _order.store_order(key, found)
+    _LIBRARY_ORDER[key] = found
+    return found
+
+
+def probe_position_order(text_model: TextModel | Any) -> _order.ProbeResult:
+    """Run the probe (no cache): encode a black tile with the probe mmproj and read which tokens came out."""
+    import tempfile
+
+    model = _model_pointer(text_model)
+    n_embd = int(_ll.llama_model_n_embd_inp(model)) or 8  # a vocab-only model reports 0: any width will do
+    with tempfile.TemporaryDirectory(prefix="r1v-mtmd-probe-") as tmp:
+        probe = _order.write_probe_mmproj(Path(tmp) / "probe-mmproj.gguf", n_embd)
+        with MtmdContext(probe, text_model, n_threads=1, use_gpu=False, match_position_order=False) as ctx:
+            size = _order.PROBE_IMAGE_SIZE
+            embedding = ctx.embed_image(np.zeros((size, size, 3), np.uint8))
+    if embedding.embeddings.shape[0] != 1:
+        raise MtmdError(f"the position-order probe's {size}-pixel image became {embedding.embeddings.shape[0]} tiles")
+    try:
+        result = _order.order_from_probe(embedding.embeddings[0])
+    except ValueError as e:
+        raise MtmdError(str(e)) from None
+    log.debug("libmtmd position-order probe: tokens %s live -> %s", result.live_tokens, result.order)
+    return result
+
+
+def _matching_file(mmproj: Path, model: Any) -> Path:
+    """`mmproj`, or a cached copy of it with the position rows in the order this library wants."""
+    import gguf
+
+    reader = gguf.GGUFReader(mmproj)
+    projector = reader.get_field(gguf.Keys.Clip.PROJECTOR_TYPE)
+    if projector is None or projector.contents() != "internvl":
+        return mmproj
+    try:
+        have = _order.file_order(mmproj)
+    except ValueError as e:
+        raise MtmdError(str(e)) from None
+    want = library_position_order(model)
+    if have == want:
+        return mmproj
+    log.info("%s: position rows are %s, this llama.cpp wants %s: using a reordered copy", mmproj, have, want)
+    return _order.reordered_mmproj(mmproj, want)
