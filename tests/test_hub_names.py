@@ -139,6 +139,15 @@ def test_quant_tag_and_quant_option(cache: Path, calls: list[dict]) -> None:
     assert resolve_model("skywork-r1v3-38b-gguf:Q8_0").entry.name == "skywork-r1v3-38b-gguf"
 
 
+def test_quant_tag_on_a_local_directory(tmp_path: Path) -> None:
+    for name, data in MIX.items():
+        (tmp_path / name).write_bytes(data)
+    r = resolve_model(f"{tmp_path}:q2_k")
+    assert (r.path, r.mmproj) == (tmp_path / "R1V-Mix-Q2_K.gguf", tmp_path / "mmproj-R1V-Mix-f16.gguf")
+    with pytest.raises(AmbiguousModelError, match="pass quant= one of q2_k, q4_k_m, q8_0"):
+        resolve_model(tmp_path)
+
+
 def test_explicit_mmproj_fetches_no_projector(cache: Path, calls: list[dict], tmp_path: Path) -> None:
     make_hub_cache(cache, REPO, MIX, tree=MIX)
     projector = tmp_path / "mine.gguf"

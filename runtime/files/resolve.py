@@ -109,6 +109,8 @@ def resolve_model(
         return _resolve_path(path, text, quant, mmproj, entry=None)
 
     name, quant = _split_quant_tag(text, quant)
+    if name != text and Path(name).expanduser().exists():  # "gguf-dir/:Q4_K_M" picks in a local directory too
+        return _resolve_path(Path(name).expanduser(), text, quant, mmproj, entry=None)
     key = name.lower()
     if registry is None:
         from .registry import load_registry
