@@ -339,7 +339,7 @@ class _Run:
         self.say(f"calibration: {batch.input_ids.shape[0]} windows x {batch.input_ids.shape[1]} tokens, "
                  f"{batch.stats['images']} images ({batch.stats['tiles']} tiles, "
                  f"{batch.stats['image_tokens']} image tokens)")
-        hidden = embed_calibration_batch(self.ckpt, batch, self.device, self.dtype)
+        hidden = embed_calibration_batch(self.ckpt, batch, self.device, self.dtype, progress=self.progress)
         self.seconds["calibration"] = round(time.perf_counter() - clock, 3)
         self._save_hidden(0, hidden, imatrix, calibration)
         return hidden, calibration
@@ -493,7 +493,7 @@ class _Run:
 # --- calibration inputs ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def embed_calibration_batch(ckpt: Checkpoint, batch: CalibrationBatch, device: torch.device | str = "cpu",
-                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                            dtype: torch.dtype = torch.float32, progress: bool = False) -> torch.Tensor:
     """The LLM's input for the calibration windows, [n_samples, seq_len, hidden]: token embeddings with the
     image embeddings at the <IMG_CONTEXT> positions (what R1VModel.embed_inputs gives, without loading the
     model: the embedding rows are read in blocks and the vision tower one layer at a time)."""
@@ -501,7 +501,7 @@ def embed_calibration_batch(ckpt: Checkpoint, batch: CalibrationBatch, device: t
     hidden = torch.from_numpy(_embedding_rows(ckpt, ids)).to(device, dtype)
     if not batch.images:
         return hidden
-    image_embeds = embed_images(ckpt, batch.images, device, dtype)
+    image_embeds = embed_images(ckpt, batch.images, device, dtype, progress=progress)
     for w, refs in enumerate(batch.image_refs):
         if not refs:
             continue
@@ -516,10 +516,10 @@ def embed_calibration_batch(ckpt: Checkpoint, batch: CalibrationBatch, device: t
 
 @torch.no_grad()
 def embed_images(ckpt: Checkpoint, images: Sequence[np.ndarray], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+                 dtype: torch.dtype = torch.float32, progress: bool = False) -> list[torch.Tensor]:
     """InternViT + pixel shuffle + mlp1 (runtime.model.extract_feature) over every tile of `images`
     (pixel values [tiles, 3, S, S] each), with one ViT layer in memory at a time. Per image:
-    [tiles, tokens_per_tile, llm_hidden]."""
+    [tiles, tokens_per_tile, llm_hidden]. `progress`: a bar over the ViT layers (the calibration's long part)."""
     cfg = ckpt.config
     tiles = [t for image in images for t in image]
     embeddings = load_module(ckpt, lambda: VisionEmbeddings(cfg.vision), "vision_model.embeddings.", device, dtype)
@@ -529,12 +529,15 @@ def embed_images(ckpt: Checkpoint, images: Sequence[np.ndarray], device: torch.d
     n = cfg.vision.num_hidden_layers
     n_run = cfg.select_layer if cfg.select_layer >= 0 else n + 1 + cfg.select_layer
     rows = max(1, _CHUNK_ELEMENTS // (x.shape[1] * cfg.vision.intermediate_size))
+    bar = _bar(n_run, 0, progress, desc=f"vision tower, {len(tiles)} calibration tiles")
     for i in range(n_run):
         layer = load_module(ckpt, lambda: VisionLayer(cfg.vision, nn.Linear), f"vision_model.encoder.layers.{i}.",
                             device, dtype)
         for s in range(0, x.shape[0], rows):
             x[s:s + rows] = layer(x[s:s + rows])
         del layer
+        bar.update(1)
+    bar.close()
     x = x[:, 1:, :]
     side = int(x.shape[1] ** 0.5)
     x = pixel_shuffle(x.reshape(x.shape[0], side, side, -1), cfg.downsample_ratio, cfg.ps_version)
@@ -623,9 +626,9 @@ class _NoBar:
         pass
 
 
-def _bar(total: int, initial: int, progress: bool) -> Any:
+def _bar(total: int, initial: int, progress: bool, desc: str = "AWQ layers") -> Any:
     if not progress:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="AWQ layers", unit="layer")
+    return tqdm(total=total, initial=initial, desc=desc, unit="layer")

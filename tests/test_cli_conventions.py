@@ -427,3 +427,22 @@ def test_eval_command_names_its_report_and_forces(micro_q8: Path, tmp_path: Path
     assert report["total"] == 1
     header = json.loads((tmp_path / "eval-micro-r1v-q8_0-val.json.items.jsonl").read_text().splitlines()[0])
     assert header["max_tokens"] == 16
+
+
+def test_awq_calibration_shows_the_vision_tower_bar(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The calibration images through the ViT were minutes without a word on micro-r1v's first `--quant awq`."""
+    import numpy as np
+
+    from r1v.converters.checkpoint import open_checkpoint
+    from r1v.quant.driver import embed_images
+    from r1v.testing import make_tiny_checkpoint
+
+    ckpt = open_checkpoint(make_tiny_checkpoint(tmp_path / "tiny", vit="300m", seed=0, dtype="f32"))
+    size, layers = ckpt.config.vision.image_size, ckpt.config.vision.num_hidden_layers
+    images = [np.zeros((2, 3, size, size), np.float32), np.ones((1, 3, size, size), np.float32)]
+    quiet = embed_images(ckpt, images)
+    assert capfd.readouterr().err == ""
+    shown = embed_images(ckpt, images, progress=True)
+    err = capfd.readouterr().err
+    assert "vision tower, 3 calibration tiles: 100%" in err and f"{layers}/{layers}" in err
+    assert all(np.array_equal(a, b) for a, b in zip(quiet, shown))
