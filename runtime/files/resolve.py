@@ -374,9 +374,10 @@ def _resolve_repo(
     if choice.format == "checkpoint":  # config.json first: no weights fetched for a model r1v cannot run
         snapshot = _snapshot(repo_id, repo_id, CONFIG_FILES, cache, offline)
         config_path = snapshot / "config.json"
-        expect = _checkpoint_format(_read_json(config_path))
+        config = _read_json(config_path)
+        expect = _checkpoint_format(config)
         if expect is None:
-            what = _read_json(config_path).get("architectures") or _read_json(config_path).get("model_type")
+            what = config.get("architectures") or config.get("model_type")
             raise ModelNotFoundError(f"Hugging Face repo {repo_id}: {config_path} is not a Skywork-R1V / InternVL-chat "
                                      f"checkpoint ({what}); r1v runs only those")
     snapshot = _snapshot(repo_id, repo_id, choice.files, cache, offline)
