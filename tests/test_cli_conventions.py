@@ -446,3 +446,9 @@ def test_awq_calibration_shows_the_vision_tower_bar(tmp_path: Path, capfd: pytes
     err = capfd.readouterr().err
     assert "vision tower, 3 calibration tiles: 100%" in err and f"{layers}/{layers}" in err
     assert all(np.array_equal(a, b) for a, b in zip(quiet, shown))
+
+
+def test_serve_help_does_not_show_the_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("R1V_API_KEY", "sk-secret-123")
+    text = subparsers(build_parser())["serve"].format_help()
+    assert "sk-secret-123" not in text and "$R1V_API_KEY" in text

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server (ServerConfig)")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on")
-    server.add_argument("--api-key", default=os.environ.get("R1V_API_KEY"),
+    server.add_argument("--api-key", default=None,  # $R1V_API_KEY is read in run(): --help must not show it
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $R1V_API_KEY, else none)")
     server.add_argument("--max-concurrency", "-np", "--parallel", "--max-num-seqs", dest="max_concurrency", type=int,
                         default=1, metavar="N",
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_image_bytes=int(args.max_image_mb * 2**20),
                           max_request_pixels=int(args.max_megapixels * 1e6), allow_local_images=args.allow_local_images,
                           local_image_root=Path(args.local_image_root) if args.local_image_root else None)
-    config = ServerConfig(model_name=args.served_model_name or _model_name(args.model), api_key=args.api_key or None,
+    api_key = args.api_key or os.environ.get("R1V_API_KEY") or None
+    config = ServerConfig(model_name=args.served_model_name or _model_name(args.model), api_key=api_key,
                           queue=args.queue, max_body_bytes=int(args.max_body_mb * 2**20), limits=limits)
     if args.host not in _LOOPBACK and config.api_key is None:
         print(f"r1v serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
