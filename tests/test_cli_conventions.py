@@ -269,6 +269,7 @@ def test_plan_command_prints_the_split(capsys: pytest.CaptureFixture[str]) -> No
 
 
 # --- item 10: progress and notices ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_first_use_build_says_what_it_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capfd: pytest.CaptureFixture[str]) -> None:
     from r1v.micro import files
@@ -286,6 +287,7 @@ def test_first_use_build_says_what_it_builds(tmp_path: Path, monkeypatch: pytest
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_first_use_awq_build_shows_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capfd: pytest.CaptureFixture[str]) -> None:
     import r1v.quant.driver as driver
@@ -327,6 +329,7 @@ def _generate_with_stdin(stdin_is_terminal: bool) -> tuple[int, str]:
     return proc.returncode, first + rest.decode()
 
 
+@pytest.mark.slow
 def test_generate_says_it_reads_stdin_on_a_terminal() -> None:
     from r1v.cli.generate_cmd import STDIN_NOTICE
 
@@ -338,6 +341,7 @@ def test_generate_says_it_reads_stdin_on_a_terminal() -> None:
     assert STDIN_NOTICE not in err and code == 2
 
 
+@pytest.mark.slow
 def test_convert_no_progress_is_silent_including_llama_cpp(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     from r1v.micro import model_path
 
@@ -347,6 +351,7 @@ def test_convert_no_progress_is_silent_including_llama_cpp(tmp_path: Path, capfd
 
 
 # --- item 11: what to run after a conversion -----------------------------------------------------------------
+@pytest.mark.slow
 def test_convert_prints_the_next_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from r1v.micro import model_path
 

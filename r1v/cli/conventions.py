@@ -95,11 +95,13 @@ _MODEL_OPTION = "model_option"
 def add_model_positional(parser: argparse.ArgumentParser, help_text: str) -> None:
     """MODEL as the first positional argument, or as `-m/--model MODEL` (llama.cpp's spelling); either lands in
     `args.model`. Giving neither, or both, is a usage error."""
+    if not isinstance(parser, Parser):  # no place for the check that merges the two: the positional alone
+        parser.add_argument("model", metavar="MODEL", help=help_text)
+        return
     parser.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL", help=help_text)
     parser.add_argument("-m", "--model", dest=_MODEL_OPTION, default=argparse.SUPPRESS, metavar="MODEL",
                         help="MODEL given as an option, as llama.cpp's tools take it")
-    if isinstance(parser, Parser):
-        parser.checks.append(_one_model)
+    parser.checks.append(_one_model)
 
 
 def _one_model(args: argparse.Namespace, parser: Parser) -> None:
