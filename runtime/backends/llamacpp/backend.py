@@ -6,43 +6,40 @@ projector embeddings + ``</img>``, fed to the LLM as an embedding batch, as libm
 ``dynamic_preprocess``, `r1v.runtime.image`), and libmtmd only encodes each 448x448 tile (it neither resizes
 nor slices an image of that size); with ``tiling="llamacpp"`` libmtmd tiles the image its own way.
 
-KV cache: the backend remembers what sits in the cache position by position (token ids; image embeddings as
-(image key, index)). A new prompt keeps the longest common prefix, removes the rest from the cache and
-evaluates only what follows; image embeddings are encoded only for images that are not in the kept prefix,
-and kept (a few images, LRU) for later requests.
+KV cache (`base.BaseBackend`): the backend remembers what sits in the cache position by position (token ids;
+image embeddings as (`ImageKey`, index)). A new prompt keeps the longest common prefix, removes the rest from
+the cache and evaluates only what follows, one llama_decode batch per span of a segment; image embeddings are
+encoded only for images that are not in the kept prefix, and kept (a few images, LRU) for later requests.
 
-Prefix cache (`LoadOptions.prefix_cache`, `r1v.runtime.backends.llamacpp.prefix_cache`): after the last image of a prompt is
-evaluated, the sequence state up to the end of that image (llama.cpp's `llama_state_seq_get_data`) is kept in
-memory and written to disk in the background, keyed by the model files, the context settings, the tokens and
-the images (pixels and tiling) before it. A later request - in this process after other conversations, or in
-another process - whose prompt starts with the same prefix restores it (`llama_state_seq_set_data`) instead
-of encoding and prefilling the images. The prefix ends at an image segment's end, where prompt evaluation
-starts a new batch anyway, so the restored cache holds exactly the numbers a fresh evaluation computes and
-greedy outputs are the same with and without it.
+Prefix cache (`LoadOptions.prefix_cache`; `prefix_state` in the context, `prefix_cache` on disk): after the
+last image of a prompt is evaluated, the sequence state up to the end of that image (llama.cpp's
+`llama_state_seq_get_data`) is kept in memory and written to disk in the background, keyed by the model files,
+the context settings, the tokens and the images (pixels and tiling) before it. A later request - in this
+process after other conversations, or in another process - whose prompt starts with the same prefix restores
+it (`llama_state_seq_set_data`) instead of encoding and prefilling the images. The prefix ends at an image
+segment's end, where prompt evaluation starts a new batch anyway, so the restored cache holds exactly the
+numbers a fresh evaluation computes and greedy outputs are the same with and without it.
 
 Tile budget (`LoadOptions.image_budget`, or per request): the largest max_tiles whose estimated prompt time
-fits, from this machine's measured encode and prefill rates (`r1v.runtime.backends.llamacpp.tile_budget`).
+fits, from this machine's measured encode and prefill rates (`tile_budget`; measured by `tile_rates`).
 
-Sampling: llama.cpp's sampler chain - penalties, top-k, top-p, min-p, temperature, seeded distribution, or
-greedy at temperature 0 - run by llama.cpp on the logits of the last position (`llama_sampler_sample`).
+Sampling (`sampler`): llama.cpp's sampler chain - penalties, top-k, top-p, min-p, temperature, seeded
+distribution, or greedy at temperature 0 - run by llama.cpp on the logits of the last position.
 
 Files and sizes: both GGUF files are read and checked before llama.cpp sees them (`gguf_header.read_gguf_header`:
 not GGUF, truncated), and a projector whose provenance (`r1v.source.*`) names another checkpoint than the
-model's is refused (`check_same_source`) unless `allow_mismatched_mmproj`. The context window is the n_ctx
-asked for (llama.cpp pads its KV cache to 256 cells but caps each llama_decode batch at the asked n_ctx and
-aborts on a larger one), and prompts go to llama_decode in batches of llama.cpp's own n_batch.
+model's is refused (`provenance.check_same_source`) unless `allow_mismatched_mmproj`. The context window is
+the n_ctx asked for (llama.cpp pads its KV cache to 256 cells but caps each llama_decode batch at the asked
+n_ctx and aborts on a larger one), and prompts go to llama_decode in batches of llama.cpp's own n_batch.
 
 No `llama_cpp.Llama`: it allocates n_batch x n_vocab floats for logits nobody reads here (~0.3 GB for
 R1V's 152k vocabulary) and evaluates through a slower Python path.
 
 The request loop (prefix reuse, image embeddings, timings, stop and overflow checks, scoring) is
-`base.BaseBackend`'s; this class is the llama.cpp engine under it: evaluating spans of tokens or embeddings with
-`llama_decode`, libmtmd's encoder, the sampler chain (`sampler`), the prefix cache (`prefix_state`) and the
-tile rates (`tile_rates`).
+`base.BaseBackend`'s; this class is the llama.cpp engine under it (`vocab`: tokens and pieces).
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 from pathlib import Path
@@ -53,47 +50,22 @@ from gguf import Keys
 
 from llama_cpp import llama_cpp as _ll
 
-from ...options import LoadOptions, MismatchedProjectorError, NoProjectorError, SamplingParams
+from ...options import LoadOptions, NoProjectorError, SamplingParams
 from ...image import TilingConfig, tile_image
 from .llama_batch import DecodeError, LlamaBatch, decode
 from .mtmd import MtmdContext, MtmdError, TextModel, rgb_array
 from ..base import BaseBackend
-from ..prompt import ImageKey, ImageSlot, Prompt, RunStats, Span, image_digest
-from .gguf_header import GGUFHeader, read_gguf_header
+from ..prompt import ImageKey, ImageSlot, Prompt, RunStats, Span, image_digest  # noqa: F401 - RunStats: tests
+from .gguf_header import read_gguf_header
 from .prefix_cache import DEFAULT_MAX_BYTES, PrefixStore, default_cache_dir, file_identity
 from .prefix_state import PrefixState
+from .provenance import check_same_source
 from .sampler import ChainSampler
 from .tile_budget import RATES_FILE, CostModel, Rates, RateStore, TileChoice, pick_tiles
 from .tile_rates import measure_in_context, stored_or_measured
+from .vocab import LlamaVocab
 
-__all__ = ["LlamaCppBackend", "RunStats", "check_same_source"]
-
-
-# Provenance keys the converter writes into both files of a model (`converters.gguf_common.add_provenance`)
-# that tell which checkpoint they come from: the config's hash, and the checkpoint's directory name.
-SOURCE_KEYS = ("r1v.source.config_sha256", "r1v.source.checkpoint")
-
-
-def _source_value(header: GGUFHeader, key: str) -> str | None:
-    value = header.get(key)
-    if not isinstance(value, str) or not value:
-        return None
-    if key == "r1v.source.checkpoint":  # older files store the converting machine's path: compare its name
-        value = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    return value
-
-
-def check_same_source(model: GGUFHeader, mmproj: GGUFHeader) -> None:
-    """Refuse a projector converted from another checkpoint than the LLM: the same shapes run, but give
-    garbage. Only keys both files carry are compared (stock-converted or older files have none: no check)."""
-    for key in SOURCE_KEYS:
-        ours, theirs = _source_value(model, key), _source_value(mmproj, key)
-        if ours is not None and theirs is not None and ours != theirs:
-            raise MismatchedProjectorError(
-                f"{mmproj.path} does not belong to {model.path}: they come from different checkpoints ({key} is "
-                f"{theirs!r} in the projector, {ours!r} in the model). Give the projector converted with this model "
-                f"(mmproj=PATH, --mmproj PATH), or load with allow_mismatched_mmproj=True "
-                f"(--allow-mismatched-mmproj) if you are sure they go together")
+__all__ = ["LlamaCppBackend", "check_same_source"]
 
 
 def _available_cpus() -> int:
@@ -132,8 +104,8 @@ class LlamaCppBackend(BaseBackend):
 
     def _open(self, options: LoadOptions) -> None:
         model = self._text.model
-        self._vocab = _ll.llama_model_get_vocab(model)
-        self.n_vocab = int(_ll.llama_vocab_n_tokens(self._vocab))
+        self.vocab = LlamaVocab(model)
+        self.n_vocab = self.vocab.n_tokens
         params = _ll.llama_context_default_params()
         params.n_ctx = options.n_ctx
         params.n_batch = options.n_batch
@@ -157,13 +129,11 @@ class LlamaCppBackend(BaseBackend):
         self.n_batch = min(self.n_batch, int(_ll.llama_n_batch(ctx)))
         self.n_embd = int(_ll.llama_model_n_embd_inp(model))
         self._batch = LlamaBatch(self.n_batch)
-        self._pieces: dict[int, bytes] = {}
         template = _ll.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8") if template else None
-        self.special_texts = {"bos_token": self._token_text(_ll.llama_vocab_bos(self._vocab)),
-                              "eos_token": self._token_text(_ll.llama_vocab_eos(self._vocab))}
-        self._bos = int(_ll.llama_vocab_bos(self._vocab))
-        self._add_bos = bool(_ll.llama_vocab_get_add_bos(self._vocab)) and self._bos >= 0
+        self.special_texts = {"bos_token": self.vocab.token_text(self.vocab.bos),
+                              "eos_token": self.vocab.token_text(self.vocab.eos)}
+        self._bos, self._add_bos = self.vocab.bos, self.vocab.add_bos
         if options.tiling == "llamacpp" and (options.max_tiles is not None or options.image_budget is not None):
             raise ValueError("max_tiles and image_budget apply to tiling='internvl'; libmtmd decides its own tiles")
         if self.mmproj_path is not None:
@@ -277,43 +247,18 @@ class LlamaCppBackend(BaseBackend):
             choice
 
     # --- vocabulary ---------------------------------------------------------------------------------
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        text = _ll.llama_vocab_get_text(self._vocab, token)
-        return text.decode("utf-8", "replace") if text else ""
-
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         self._live()
-        data = text.encode("utf-8")
-        if not data:
-            return []
-        n_max = len(data) + 8
-        buf = (_ll.llama_token * n_max)()
-        n = _ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
-        if n < 0:
-            n_max = -n
-            buf = (_ll.llama_token * n_max)()
-            n = _ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
-            if n < 0:
-                raise RuntimeError(f"llama_tokenize failed ({n})")
-        return list(buf[:n])
+        return self.vocab.tokenize(text, special=special)
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token as output text (control tokens such as end markers give b"")."""
-        piece = self._pieces.get(token)
-        if piece is None:
-            self._live()
-            buf = ctypes.create_string_buffer(64)
-            n = _ll.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = _ll.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-            piece = self._pieces[token] = buf.raw[:n]
-        return piece
+        self._live()
+        return self.vocab.piece(token)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+        self._live()
+        return self.vocab.detokenize(tokens)
 
     # --- images -------------------------------------------------------------------------------------
     def _slot(self, image: Any, tiling: TilingConfig) -> ImageSlot:
@@ -341,10 +286,11 @@ class LlamaCppBackend(BaseBackend):
 
     # --- the engine under the request loop ----------------------------------------------------------
     def _sampler(self, params: SamplingParams, prompt: Prompt) -> ChainSampler:
-        return ChainSampler(self._ctx, params, self.n_ctx, self.n_vocab, [t for t in prompt.items if isinstance(t, int)])
+        text = [t for t in prompt.items if isinstance(t, int)]
+        return ChainSampler(self._ctx, params, self.n_ctx, self.n_vocab, text)
 
     def _is_end(self, token: int) -> bool:
-        return bool(_ll.llama_vocab_is_eog(self._vocab, token))
+        return self.vocab.is_end(token)
 
     def _evaluate_span(self, prompt: Prompt, span: Span, embeddings: dict[int, np.ndarray]) -> int | None:
         """llama_decode one batch (a span never crosses segments here); logits: batch row -1."""
