@@ -210,3 +210,89 @@ def test_no_builtin_llama_cpp_format_is_our_prompt(name: str):
 def test_readme_says_jinja_for_llama_cpp_tools():
     readme = (REPO / "README.md").read_text()
     assert "--jinja --image" in readme and "Without Jinja (the default of llama-mtmd-cli" in readme
+
+
+# --- the templates in llama.cpp's own Jinja engine (llama-server, and llama-mtmd-cli --jinja) ----------------
+
+RENDER_CPP = r'''
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include "json.h"
+#include "jinja/runtime.h"
+#include "jinja/parser.h"
+#include "jinja/lexer.h"
+using json = common_json;
+extern "C" void ggml_abort(const char * file, int line, const char *, ...) { std::cerr << file << ":" << line; std::abort(); }
+static std::string slurp(const char * p) { std::ifstream f(p); std::stringstream s; s << f.rdbuf(); return s.str(); }
+int main(int, char ** argv) {
+    std::string tmpl = slurp(argv[1]);
+    jinja::lexer lexer;
+    jinja::program ast = jinja::parse_from_tokens(lexer.tokenize(tmpl));
+    jinja::context ctx(tmpl);
+    jinja::global_from_json(ctx, json::parse(slurp(argv[2])), true);
+    jinja::runtime runtime(ctx);
+    std::cout << runtime.gather_string_parts(runtime.execute(ast))->as_string().str();
+}
+'''
+
+
+def _llama_cpp_source() -> Path | None:
+    import os
+
+    for root in (os.environ.get("R1V_LLAMA_CPP_SRC"),
+                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r1v" / "llama.cpp-src"):
+        if root and (Path(root) / "common" / "jinja" / "runtime.cpp").is_file():
+            return Path(root)
+    return None
+
+
+@pytest.fixture(scope="module")
+def llama_jinja(request: pytest.FixtureRequest) -> Path:
+    """A small program rendering a template with llama.cpp's own Jinja engine (common/jinja), built from the
+    llama.cpp source `scripts/fetch-llama-cpp-src.sh` unpacks (or $R1V_LLAMA_CPP_SRC); cached by source."""
+    import hashlib
+    import subprocess
+
+    src = _llama_cpp_source()
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if src is None or compiler is None:
+        pytest.skip("needs the llama.cpp source (scripts/fetch-llama-cpp-src.sh or R1V_LLAMA_CPP_SRC) and a C++ compiler")
+    sources = [*sorted((src / "common" / "jinja").glob("*.cpp")), src / "common" / "json.cpp", src / "common" / "unicode.cpp"]
+    digest = hashlib.sha256(RENDER_CPP.encode() + b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    out = Path(request.config.cache.mkdir("llama-jinja")) / f"render-{digest}"
+    if not out.is_file():
+        main = out.with_suffix(".cpp")
+        main.write_text(RENDER_CPP)
+        includes = [f"-I{src / d}" for d in ("common", "vendor", "ggml/include", "include")]
+        subprocess.run([compiler, "-std=c++17", "-O1", *includes, str(main), *map(str, sources), "-o", str(out)],
+                       check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["chatml-think", "deepseek-r1-think", "micro-r1v (wrapped)"])
+def test_llama_cpp_jinja_engine_renders_like_r1v(name: str, llama_jinja: Path, tmp_path: Path):
+    import json
+    import subprocess
+
+    from r1v.converters.gguf_vocab import accept_list_content
+
+    if name.startswith("micro"):
+        template = accept_list_content(json.loads((model_path() / "tokenizer_config.json").read_text())["chat_template"])
+    else:
+        template = chat_template(name)
+    (tmp_path / "t.jinja").write_text(template)
+    conversations = [  # (messages, what the rendered prompt must hold)
+        (MESSAGES + [{"role": "user", "content": "<__media_k3J9x__>Q2 a <__media b __> c"}],
+         ["<__media__>\nQ", "<__media_k3J9x__>\nQ2 a <__media b __> c"]),
+        ([{"role": "user", "content": [{"type": "text", "text": "<__media__>"}, {"type": "text", "text": "Q"}]}],
+         ["<__media__>\nQ"]),
+    ]
+    for messages, holds in conversations:
+        (tmp_path / "v.json").write_text(json.dumps({"messages": messages, "add_generation_prompt": True,
+                                                     "bos_token": "", "eos_token": ""}))
+        got = subprocess.run([str(llama_jinja), str(tmp_path / "t.jinja"), str(tmp_path / "v.json")],
+                             check=True, capture_output=True, text=True).stdout
+        assert got == render_chat_template(template, messages)
+        assert all(h in got for h in holds) and got.endswith("<think>\n")
