@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from r1v.cli.chat_cmd import HELP, read_message
+from r1v.cli.chat_cmd import HELP, Discarded, read_message
 from r1v.cli.generate_cmd import DIM
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
@@ -144,6 +144,17 @@ def test_an_unclosed_block_ends_with_the_input():
         read_message(read)
 
 
+@pytest.mark.parametrize("first", ['"""', "first line \\"])
+def test_ctrl_c_on_a_continuation_line_discards_the_message(first):
+    def read(prompt: str) -> str:
+        if prompt == "> ":
+            return first
+        raise KeyboardInterrupt
+
+    with pytest.raises(Discarded):
+        read_message(read)
+
+
 # --- at a terminal ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -212,7 +223,11 @@ def test_a_conversation_on_the_bundled_model(tmp_path):
         first = term.expect(r'\.\.\. """\n(.*)\n\[turn 1\] prompt (\d+) tokens: .*finish: stop\n> ')
         term.send("What colour is the first shape from the left in that picture?\n")
         second = term.expect(r"\?\n(.*)\n\[turn 2\] prompt (\d+) tokens, (\d+) cached: .*finish: stop\n> ")
-        term.send("\x03")
+        term.send("half a question")
+        term.expect("half a question")
+        term.send("\x03")  # throws the typed text away: a new prompt, no step towards exiting
+        term.expect(r"\n> ")
+        term.send("\x03")  # at the empty prompt
         term.expect(r"\(Ctrl-C again or Ctrl-D to exit\)\n> ")
         term.send("\x03")
         assert term.wait() == 0

@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --- input ------------------------------------------------------------------------------------------------
 
+class Discarded(Exception):
+    """Ctrl-C at the prompt threw away text being typed: a new prompt, not a step towards exiting."""
+
+
 def history_path() -> Path:
     """The chat's readline history: the user cache directory, as the other r1v caches."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r1v" / "chat_history"
@@ -69,7 +73,12 @@ class LineReader:
 
     def __call__(self, prompt: str) -> str:
         if self.interactive:
-            return input(prompt)
+            try:
+                return input(prompt)
+            except KeyboardInterrupt:
+                if self._readline is not None and self._readline.get_line_buffer():
+                    raise Discarded from None
+                raise
         line = sys.stdin.readline()
         if not line:
             raise EOFError
@@ -93,15 +102,23 @@ class LineReader:
 
 def read_message(read: Callable[[str], str]) -> str:
     """One message: a line; a line ending in a backslash goes on on the next line; a line that starts with
-    \"\"\" opens a block, closed by a line that ends with \"\"\" (Ollama's convention)."""
+    \"\"\" opens a block, closed by a line that ends with \"\"\" (Ollama's convention). Ctrl-C on a
+    continuation line raises Discarded (the lines so far are thrown away)."""
     line = read("> ")
+
+    def more() -> str:
+        try:
+            return read("... ")
+        except KeyboardInterrupt:
+            raise Discarded from None
+
     if line.lstrip().startswith(BLOCK):
         first = line.lstrip()[len(BLOCK):]
         if first.rstrip().endswith(BLOCK):  # """one line"""
             return first.rstrip()[:-len(BLOCK)]
         lines = [first] if first else []
         while True:
-            line = read("... ")
+            line = more()
             if line.rstrip().endswith(BLOCK):
                 lines.append(line.rstrip()[:-len(BLOCK)])
                 return "\n".join(lines).rstrip("\n")
@@ -109,7 +126,7 @@ def read_message(read: Callable[[str], str]) -> str:
     lines = []
     while line.endswith("\\"):
         lines.append(line[:-1])
-        line = read("... ")
+        line = more()
     return "\n".join([*lines, line])
 
 
@@ -235,7 +252,11 @@ def run(args: argparse.Namespace) -> int:
                     if interactive:
                         print(file=sys.stderr)
                     break
-                except KeyboardInterrupt:
+                except Discarded:
+                    interrupted = False
+                    print(file=sys.stderr)
+                    continue
+                except KeyboardInterrupt:  # at an empty prompt
                     if interrupted:
                         print(file=sys.stderr)
                         break
