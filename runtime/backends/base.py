@@ -246,7 +246,7 @@ class BaseBackend(ABC):
         self._live()
         prompt, params, stats = request.prompt, request.params, request.stats
         start = time.perf_counter()
-        keep = self._reuse(prompt, stats)
+        keep = self._reuse(request)
         embeddings = self._image_embeddings(prompt, keep)
         self._sync()
         stats.image_seconds = time.perf_counter() - start
@@ -273,16 +273,17 @@ class BaseBackend(ABC):
             sampler.close()
             request.sampler = None
 
-    def _reuse(self, prompt: Prompt, stats: RunStats) -> int:
-        """Keep the longest common prefix of the prompt and what the cache holds, then restore a longer saved
-        prefix where the backend has one; the positions the cache now holds. The last prompt position is
-        always evaluated: its logits give the first token."""
-        held, items = self.sequence.positions, prompt.items
-        keep, limit = 0, min(len(held), len(items) - 1)
-        while keep < limit and held[keep] == items[keep]:
+    def _reuse(self, request: Request) -> int:
+        """Keep the longest common prefix of the prompt and what the request's sequence holds, then restore a
+        longer saved prefix where the backend has one; the positions the cache now holds. The last prompt
+        position is always evaluated: its logits give the first token."""
+        assert request.sequence is self.sequence  # the engine hooks act on the backend's one sequence
+        prompt, stats, held = request.prompt, request.stats, request.sequence.positions
+        keep, limit = 0, min(len(held), len(prompt.items) - 1)
+        while keep < limit and held[keep] == prompt.items[keep]:
             keep += 1
         self._truncate(keep)
-        keep = len(self.sequence.positions)
+        keep = len(held)
         stats.cached_tokens = keep
         restored = self._restore(prompt, keep)
         if restored != keep:

@@ -327,7 +327,7 @@ class LlamaCppBackend(BaseBackend):
         self.sequence.positions.extend(items)
 
     def _truncate_cache(self, keep: int) -> int:
-        if not _ll.llama_memory_seq_rm(self._memory, 0, keep, -1):  # llama.cpp cannot cut there: everything
+        if not _ll.llama_memory_seq_rm(self._memory, self.sequence.seq_id, keep, -1):  # cannot cut there: all
             _ll.llama_memory_clear(self._memory, True)
             return 0
         return keep
