@@ -1,11 +1,17 @@
-"""Shared fixtures: tiny R1V-layout checkpoints, built once per test session."""
+"""Shared fixtures: tiny R1V-layout checkpoints and their GGUF / AWQ conversions, built once per test session.
+
+A shared model is read-only: a test that edits one copies it to tmp_path first. Each fixture checks at the end of
+the session that its directory is as built, so a test writing into a shared model fails instead of changing what
+the tests after it read. What each model is: tests/tiny_models.py."""
 from __future__ import annotations
 
 import atexit
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
@@ -20,15 +26,117 @@ if not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from r1v.testing import make_tiny_checkpoint
+from tiny_models import AWQ_RUN, AWQ_SOURCE, K_QUANT_SIZES, R1V_QUANTS, TIED, tiny_r1v_checkpoint
+
+if TYPE_CHECKING:
+    from r1v.converters.gguf import GGUFConversion
+
+
+def _state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `root` with its size and mtime: what a test that writes into it changes."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _check_unchanged(root: Path, built: dict[str, tuple[int, int]]) -> None:
+    now = _state(root)
+    changed = sorted(name for name in built.keys() | now.keys() if built.get(name) != now.get(name))
+    assert not changed, f"a test changed the shared model {root}: {changed} (copy it to tmp_path before editing)"
+
+
+@contextmanager
+def _read_only(root: Path) -> Iterator[None]:
+    """Fail at the end if any file under `root` was added, removed or rewritten meanwhile."""
+    built = _state(root)
+    yield
+    _check_unchanged(root, built)
 
 
 @pytest.fixture(scope="session")
-def tiny_6b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_6b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """InternViT-6B flavour (rms_norm, qk norm, no qkv bias), bf16, sharded."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-6b", vit="6b", seed=0)
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-6b", vit="6b", seed=0)
+    with _read_only(path):
+        yield path
 
 
 @pytest.fixture(scope="session")
-def tiny_300m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_300m(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """InternViT-300M flavour (layer_norm, qkv bias, no qk norm), bf16, sharded."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-300m", vit="300m", seed=1)
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-300m", vit="300m", seed=1)
+    with _read_only(path):
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_r1v(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The runtime tests' checkpoint (tests/tiny_models.py R1V_SIZES, seed 8, f32), directory `tiny-r1v`."""
+    path = tiny_r1v_checkpoint(tmp_path_factory.mktemp("shared") / "tiny-r1v")
+    with _read_only(path):
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_r1v_gguf(tiny_r1v: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GGUFConversion]:
+    """tiny_r1v converted by `r1v convert gguf`: tiny-r1v-f16.gguf, tiny-r1v-q8_0.gguf, mmproj-tiny-r1v-f16.gguf."""
+    from r1v.converters.gguf import convert_gguf
+
+    out = tmp_path_factory.mktemp("shared") / "gguf"
+    made = convert_gguf(tiny_r1v, out, quant=list(R1V_QUANTS), mmproj_quant="f16", progress=False)
+    with _read_only(out):
+        yield made
+
+
+@pytest.fixture(scope="session")
+def awq_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The AWQ tests' checkpoint (tests/tiny_models.py AWQ_SOURCE: 6B-flavour ViT, 224-pixel tiles), `tiny`."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("shared") / "tiny", **AWQ_SOURCE)
+    with _read_only(path):
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_awq(awq_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """tiny_awq(vision): awq_source converted by `r1v convert awq` (AWQ_RUN: RTN, group 32) with the vision tower
+    `vision` (fp16 or int4), directory `tiny-awq-<vision>`; each one converted on first use."""
+    from r1v.quant.driver import quantize_checkpoint_awq
+
+    root = tmp_path_factory.mktemp("shared")
+    made: dict[str, tuple[Path, dict[str, tuple[int, int]]]] = {}  # vision -> (directory, its files as built)
+
+    def get(vision: str) -> Path:
+        if vision not in made:
+            out = root / f"tiny-awq-{vision}"
+            quantize_checkpoint_awq(awq_source, out, vision=vision, **AWQ_RUN)
+            made[vision] = out, _state(out)
+        return made[vision][0]
+
+    yield get
+    for out, built in made.values():
+        _check_unchanged(out, built)
+
+
+@pytest.fixture(scope="session")
+def tiny_k_quant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """300M-flavour ViT, LLM rows of 256/512 (tests/tiny_models.py K_QUANT_SIZES), seed 0, bf16, directory `tiny`."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("shared") / "tiny", vit="300m", **K_QUANT_SIZES)
+    with _read_only(path):
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_k_quant_f16(tiny_k_quant: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """tiny_k_quant's LLM in F16 (no mmproj): tiny-f16.gguf, the input of llama.cpp's quantizer."""
+    from r1v.converters.gguf import convert_gguf
+
+    out = tmp_path_factory.mktemp("shared")
+    f16 = convert_gguf(tiny_k_quant, out, ["f16"], None, progress=False).llm["f16"]
+    with _read_only(out):
+        yield f16
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tied embeddings (tests/tiny_models.py TIED: 300M-flavour ViT, seed 5, f32), directory `tied`."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("shared") / "tied", **TIED)
+    with _read_only(path):
+        yield path

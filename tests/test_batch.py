@@ -21,13 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r1v.converters.gguf import convert_gguf
+from r1v.converters.gguf import GGUFConversion
 from r1v.runtime.api import LoadOptions, Model
 from r1v.apps.batch import BatchBusyError, BatchConfig, plan_batch, run_batch
-from r1v.testing import make_tiny_checkpoint
 
-SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
-             vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
 R1V4_OUTPUT = ('I should zoom in.</think>\n<tool_call>{"name": "code", "arguments": {"code": "crop()"}}</tool_call>\n'
                '<observation>{"result": "3 circles"}</observation>\n<think>Three.</think>\n<answer>3</answer>')
 
@@ -266,10 +263,8 @@ def test_a_second_run_on_the_same_output_is_refused(inputs: Path, tmp_path: Path
 # --- the command, on a real (tiny) model ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("batch")
-    ckpt = make_tiny_checkpoint(root / "tiny-r1v", vit="300m", seed=8, dtype="f32", **SIZES)
-    return convert_gguf(ckpt, root / "gguf", quant=["f16"], mmproj_quant="f16", progress=False).llm["f16"]
+def gguf(tiny_r1v_gguf: GGUFConversion) -> Path:
+    return tiny_r1v_gguf.llm["f16"]
 
 
 def _batch_cmd(gguf: Path, inputs: Path, out: Path, *extra: str) -> list[str]:

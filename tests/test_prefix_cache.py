@@ -22,15 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r1v.converters.gguf import convert_gguf
+from r1v.converters.gguf import GGUFConversion
 from r1v.runtime.api import Model, load
 from r1v.runtime.backends.llamacpp.prefix_cache import FORMAT_VERSION, SUFFIX, PrefixCacheWarning, PrefixStore, file_identity
-from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
 
-# The model of tests/test_runtime_llamacpp.py (seed 8: no near-ties on its greedy paths).
-SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
-             vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
 THREADS = dict(n_threads=1, n_threads_batch=1, n_ctx=2048)
 GREEDY = dict(temperature=0, repetition_penalty=1.0, max_tokens=16)
 
@@ -46,11 +42,9 @@ class Files:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
-    root = tmp_path_factory.mktemp("prefix-cache")
-    ckpt = make_tiny_checkpoint(root / "tiny-r1v", vit="300m", seed=8, dtype="f32", **SIZES)
-    made = convert_gguf(ckpt, root / "gguf", quant=["f16", "q8_0"], mmproj_quant="f16", progress=False)
-    return Files(made.llm["f16"], made.llm["q8_0"])
+def files(tiny_r1v_gguf: GGUFConversion) -> Files:
+    """The runtime tests' model (tests/tiny_models.py; seed 8: no near-ties on its greedy paths)."""
+    return Files(tiny_r1v_gguf.llm["f16"], tiny_r1v_gguf.llm["q8_0"])
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,15 @@ import gguf
 import pytest
 from PIL import Image
 
-from r1v.converters.gguf import convert_gguf
+from r1v.converters.gguf import GGUFConversion, convert_gguf
 from r1v.runtime.api import ContextOverflowError, MismatchedProjectorError, Model, load
 from r1v.runtime.backends.llamacpp.backend import check_same_source
 from r1v.runtime.backends.llamacpp.llama_batch import DecodeError, LlamaBatch, decode
 from r1v.runtime.backends.llamacpp.gguf_header import BadModelFileError, GGUFHeader
-from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
+from tiny_models import tiny_r1v_checkpoint
 
 # The model of tests/test_runtime_llamacpp.py: 448-pixel tiles of 256 positions.
-SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
-             vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
 THREADS = dict(n_threads=1, n_threads_batch=1, prefix_cache=False)
 GREEDY = dict(temperature=0, repetition_penalty=1.0)
 TILE = 256
@@ -43,7 +41,8 @@ TILE = 256
 
 @dataclass
 class Files:
-    root: Path
+    root: Path  # this module's own directory
+    ckpt: Path
     llm: Path
     mmproj: Path
     other_mmproj: Path  # the same shapes, converted from another checkpoint (other weights)
@@ -51,15 +50,14 @@ class Files:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+def files(tiny_r1v: Path, tiny_r1v_gguf: GGUFConversion, tmp_path_factory: pytest.TempPathFactory) -> Files:
+    """The shared tiny-r1v model, and a projector of the same shapes converted from seed 9's weights."""
     root = tmp_path_factory.mktemp("faults")
-    ckpt = make_tiny_checkpoint(root / "tiny-r1v", vit="300m", seed=8, dtype="f32", **SIZES)
-    made = convert_gguf(ckpt, root / "gguf", quant=["f16"], mmproj_quant="f16", progress=False)
-    other = make_tiny_checkpoint(root / "other-r1v", vit="300m", seed=9, dtype="f32", **SIZES)
-    other_made = convert_gguf(other, root / "other-gguf", quant=["f16"], mmproj_quant="f16", progress=False)
+    other = tiny_r1v_checkpoint(root / "other-r1v", seed=9)
+    other_mmproj = convert_gguf(other, root / "other-gguf", quant=[], mmproj_quant="f16", progress=False).mmproj
     png = root / "square.png"
     Image.fromarray(pattern_pixels(448, 448, 5)).save(png)
-    return Files(root, made.llm["f16"], made.mmproj, other_made.mmproj, png)
+    return Files(root, tiny_r1v, tiny_r1v_gguf.llm["f16"], tiny_r1v_gguf.mmproj, other_mmproj, png)
 
 
 def _r1v(*args: str) -> subprocess.CompletedProcess:
@@ -301,7 +299,7 @@ def test_control_tokens_in_message_text_stay_text_awq(files: Files):
     from r1v.quant.driver import quantize_checkpoint_awq
 
     out = files.root / "tiny-awq"
-    quantize_checkpoint_awq(files.root / "tiny-r1v", out, group_size=32, n_samples=2, seq_len=320, method="rtn",
+    quantize_checkpoint_awq(files.ckpt, out, group_size=32, n_samples=2, seq_len=320, method="rtn",
                             progress=False)
     with load(out, n_ctx=1024, device="cpu", **THREADS) as model:
         assert model.resolved.format == "awq"

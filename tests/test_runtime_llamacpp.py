@@ -20,24 +20,17 @@ import pytest
 from PIL import Image
 
 import r1v
-from r1v.converters.gguf import convert_gguf
+from r1v.converters.gguf import GGUFConversion
 from r1v.runtime.api import ContextOverflowError, LoadOptions, Model, NoProjectorError, SamplingParams, load
 from r1v.runtime.image import ImageError, prepare_image
 from r1v.runtime.backends.llamacpp.llama_params import open_llama
 from r1v.runtime.reasoning import split_reasoning
 from r1v.runtime.files.resolve import ModelNotFoundError
-from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
 
 torch = pytest.importorskip("torch")
 from r1v.runtime.model import R1VModel  # noqa: E402
 
-SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
-             vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
-# Seed 8: the reference's greedy paths for the three prompts below have no near-ties (smallest top-1/top-2
-# logit margins over 32 steps: text 0.030, 448x448 0.011, 896x448 0.051; F16 logit errors are ~0.004).
-# Seeds 0, 5 and 10 have margins of 0.001-0.003 on one of them and do flip a token.
-SEED = 8
 # One thread each: on 2 cores shared with other jobs, llama.cpp's spinning threads stall when oversubscribed.
 THREADS = dict(n_threads=1, n_threads_batch=1)
 GREEDY = dict(temperature=0, repetition_penalty=1.0)  # plain argmax, as the reference decodes
@@ -60,15 +53,14 @@ class Files:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+def files(tiny_r1v: Path, tiny_r1v_gguf: GGUFConversion, tmp_path_factory: pytest.TempPathFactory) -> Files:
+    """The shared tiny-r1v model (tests/tiny_models.py: seed 8, no near-ties on the greedy paths below)."""
     root = tmp_path_factory.mktemp("runtime")
-    ckpt = make_tiny_checkpoint(root / "tiny-r1v", vit="300m", seed=SEED, dtype="f32", **SIZES)
-    made = convert_gguf(ckpt, root / "gguf", quant=["f16"], mmproj_quant="f16", progress=False)
     (root / "text-only").mkdir()
-    text_only = Path(shutil.copy(made.llm["f16"], root / "text-only"))
+    text_only = Path(shutil.copy(tiny_r1v_gguf.llm["f16"], root / "text-only"))
     png = root / "wide.png"
     _image(896, 448, seed=6).save(png)
-    return Files(ckpt, made.llm["f16"], made.mmproj, text_only, png)
+    return Files(tiny_r1v, tiny_r1v_gguf.llm["f16"], tiny_r1v_gguf.mmproj, text_only, png)
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,12 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from r1v.converters.gguf import convert_gguf  # noqa: E402
+from r1v.converters.gguf import GGUFConversion  # noqa: E402
 from r1v.runtime.api import LoadOptions, Model, load  # noqa: E402
 from r1v.apps.serve.app import ServerConfig, ServerThread, create_app, free_port  # noqa: E402
-from r1v.testing import make_tiny_checkpoint  # noqa: E402
 from serve_process import serve_process  # noqa: E402
 
 KEY = "sk-test-r1v"
-SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
-             vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
 THREADS = dict(n_threads=1, n_threads_batch=1)  # 2 shared cores: llama.cpp's spinning threads stall oversubscribed
 GREEDY = dict(temperature=0, repetition_penalty=1.0)
 N_CTX = 4096
@@ -55,10 +52,8 @@ def _data_url(png: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("serve")
-    ckpt = make_tiny_checkpoint(root / "tiny-r1v", vit="300m", seed=8, dtype="f32", **SIZES)
-    return convert_gguf(ckpt, root / "gguf", quant=["f16"], mmproj_quant="f16", progress=False).llm["f16"]
+def gguf(tiny_r1v_gguf: GGUFConversion) -> Path:
+    return tiny_r1v_gguf.llm["f16"]
 
 
 @pytest.fixture(scope="module")

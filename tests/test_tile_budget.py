@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from r1v.converters.gguf import convert_gguf
+from r1v.converters.gguf import GGUFConversion
 from r1v.runtime.api import load
 from r1v.runtime.image import TilingConfig, image_tiles
 from r1v.runtime.backends.llamacpp.prefix_cache import PrefixCacheWarning
 from r1v.runtime.backends.llamacpp.tile_budget import (CostModel, Rates, RateStore, estimate_seconds, measure_rates,
                                      pick_tiles)
-from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
 
-SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
-             vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
 THREADS = dict(n_threads=1, n_threads_batch=1, n_ctx=8192)
 COST = CostModel(tokens_per_tile=256, linear_flops_per_position=1e9, attention_flops_per_pair=1e5)
 RATES = Rates(encode_seconds_per_tile=2.0, prefill_seconds_per_gflop=0.01)
@@ -87,10 +84,8 @@ def _image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tile-budget")
-    ckpt = make_tiny_checkpoint(root / "tiny-r1v", vit="300m", seed=8, dtype="f32", **SIZES)
-    return convert_gguf(ckpt, root / "gguf", quant=["f16"], mmproj_quant="f16", progress=False).llm["f16"]
+def llm(tiny_r1v_gguf: GGUFConversion) -> Path:
+    return tiny_r1v_gguf.llm["f16"]
 
 
 @pytest.mark.slow
