@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -26,18 +27,14 @@ pytest.importorskip("gguf", reason="r1v convert awq needs gguf (a GPU image with
 
 from r1v.converters.checkpoint import read_tokenizer_files  # noqa: E402
 from r1v.converters.config import load_config, parse_config  # noqa: E402
-from r1v.quant.driver import quantize_checkpoint_awq  # noqa: E402
 from r1v.quant.pack import dequantize_awq  # noqa: E402
 from r1v.runtime.api import ContextOverflowError, load  # noqa: E402
 from r1v.runtime.image import TilingConfig, prepare_image  # noqa: E402
 from r1v.runtime.files.plan import GiB, best_placement  # noqa: E402
 from r1v.runtime.model import R1VModel  # noqa: E402
-from r1v.testing import make_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 R1V3_CONFIG = ROOT / "tests" / "data" / "r1v3-38b-config.json"
-SIZES = dict(image_size=224, llm_layers=2)
-RUN = dict(group_size=32, n_samples=4, seq_len=160, method="rtn", progress=False)
 GREEDY = dict(temperature=0, repetition_penalty=1.0)
 # kernel "torch": the exact path (fp32 products of the fp16 weights), what the parity tests hold to the reference;
 # torch's int4 kernels (the default where available, bf16 products) are checked in tests/test_awq_int4.py.
@@ -64,23 +61,9 @@ def _image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("awq-backend")
-
-
-@pytest.fixture(scope="module")
-def ckpt(work) -> Path:
-    return make_tiny_checkpoint(work / "tiny", vit="6b", seed=3, **SIZES)
-
-
-@pytest.fixture(scope="module")
-def awq_dirs(ckpt, work) -> dict[str, Path]:
+def awq_dirs(tiny_awq: Callable[[str], Path]) -> dict[str, Path]:
     """The same model with the vision tower fp16 and stored int4 (stored int8: tests/test_awq_export.py)."""
-    out = {}
-    for vision in ("fp16", "int4"):
-        out[vision] = work / f"tiny-awq-{vision}"
-        quantize_checkpoint_awq(ckpt, out[vision], vision=vision, **RUN)
-    return out
+    return {vision: tiny_awq(vision) for vision in ("fp16", "int4")}
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,9 @@ a GPU; the Triton pass that reads it runs interpreted on CPU tensors here.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -186,18 +189,11 @@ QUESTION = "How many red circles are in the image?"
 
 
 @pytest.fixture(scope="module")
-def awq_dir(tmp_path_factory):
-    """The tiny R1V model (2 layers, 224-pixel tiles), RTN group 32 (building it, like `r1v convert awq`, records
-    a llama.cpp imatrix on the way, which needs gguf)."""
+def awq_dir(tiny_awq: Callable[[str], Path]) -> Path:
+    """The tiny R1V model (2 layers, 224-pixel tiles), RTN group 32, vision tower stored int4 (building it, like
+    `r1v convert awq`, records a llama.cpp imatrix on the way, which needs gguf)."""
     pytest.importorskip("gguf", reason="r1v convert awq (its imatrix names) needs gguf")
-    from r1v.quant.driver import quantize_checkpoint_awq
-    from r1v.testing import make_tiny_checkpoint
-
-    work = tmp_path_factory.mktemp("awq-int4")
-    ckpt = make_tiny_checkpoint(work / "tiny", vit="6b", seed=3, image_size=224, llm_layers=2)
-    quantize_checkpoint_awq(ckpt, work / "awq", vision="int4", group_size=32, n_samples=4, seq_len=160,
-                            method="rtn", progress=False)
-    return work / "awq"
+    return tiny_awq("int4")
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:

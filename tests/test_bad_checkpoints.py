@@ -20,15 +20,12 @@ from r1v.converters import gguf_llm
 from r1v.converters.awq import read_part
 from r1v.converters.safetensors_io import read_header, write_safetensors
 from r1v.converters.gguf_common import ConversionError
-from r1v.testing import make_tiny_checkpoint
-
-SIZES = {"llm_hidden": 256, "llm_intermediate": 512, "llm_layers": 2, "vit_hidden": 64, "vit_intermediate": 128}
-
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    """A 300M-ViT checkpoint stock llama.cpp can take (convert gguf writes its mmproj too)."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("bad") / "ck", vit="300m", **SIZES)
+def source(tiny_k_quant: Path, tmp_path_factory) -> Path:
+    """A 300M-ViT checkpoint stock llama.cpp can take (convert gguf writes its mmproj too): the shared tiny_k_quant
+    under the name `ck` (the files converted from it are ck-*)."""
+    return Path(shutil.copytree(tiny_k_quant, tmp_path_factory.mktemp("bad") / "ck"))
 
 
 @pytest.fixture

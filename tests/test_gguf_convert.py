@@ -17,14 +17,11 @@ from safetensors.torch import load_file
 from r1v.converters import CheckpointError
 from r1v.converters.gguf import convert_gguf
 from r1v.converters.safetensors_io import write_safetensors
-from r1v.testing import make_tiny_checkpoint
-
-SIZES = {"llm_hidden": 256, "llm_intermediate": 512, "llm_layers": 2, "vit_hidden": 64, "vit_intermediate": 128}
-
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("conv") / "tiny", vit="300m", **SIZES)
+def ckpt(tiny_k_quant: Path) -> Path:
+    """The shared 300M-ViT checkpoint with k-quant rows (tests/tiny_models.py), directory `tiny`."""
+    return tiny_k_quant
 
 
 def _types(path: Path) -> set[str]:

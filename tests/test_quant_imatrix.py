@@ -122,19 +122,15 @@ def test_bad_input_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("quant", ["q4_k_m", "q3_k_s"])
-def test_llama_cpp_quantizer_follows_our_imatrix(tmp_path, quant):
+def test_llama_cpp_quantizer_follows_our_imatrix(tiny_k_quant_f16: Path, tmp_path, quant):
     """Q4_K_M / Q3_K_S through llama_model_quantize with an imatrix that marks 8 columns per matrix 1000x
     important: the importance-weighted rounding error of every block matrix must drop."""
     pytest.importorskip("llama_cpp")
     from gguf.quants import dequantize
 
-    from r1v.converters.gguf import convert_gguf
     from r1v.converters.gguf_quantize import quantize_gguf
-    from r1v.testing import make_tiny_checkpoint
 
-    ckpt = make_tiny_checkpoint(tmp_path / "tiny", vit="300m", llm_hidden=256, llm_intermediate=512,
-                                llm_layers=2, vit_hidden=64, vit_intermediate=128)
-    f16 = convert_gguf(ckpt, tmp_path, ["f16"], None, progress=False).llm["f16"]
+    f16 = tiny_k_quant_f16
     source = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(f16).tensors}
     rng = np.random.default_rng(0)
     imatrix, importance = Imatrix(datasets=["synthetic"], chunk_size=10), {}

@@ -289,8 +289,8 @@ def test_greedy_matches_transformers_generate(f32_ckpt: Path, ours: R1VModel, hf
 
 
 @torch.inference_mode()
-def test_tied_embeddings_match_transformers(tmp_path: Path) -> None:
-    path = make_tiny_checkpoint(tmp_path / "tied", vit="300m", seed=5, dtype="f32", tie_word_embeddings=True)
+def test_tied_embeddings_match_transformers(tiny_tied: Path) -> None:
+    path = tiny_tied
     with open_checkpoint(path) as ckpt:
         assert "language_model.lm_head.weight" not in ckpt.tensors
     model = R1VModel.from_checkpoint(path)
