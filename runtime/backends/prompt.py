@@ -35,7 +35,7 @@ class ImageKey:
     digest: str  # `image_digest`
     tiling: Literal["internvl", "llamacpp"]
     grid: tuple[int, int] | None = None  # (columns, rows)
-    thumbnail: bool = False  # a thumbnail tile follows the grid
+    thumbnail: bool = False  # the tiling adds a thumbnail tile to a grid of more than one tile
 
 
 @dataclass(frozen=True)
