@@ -26,7 +26,8 @@ if not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from r1v.testing import make_tiny_checkpoint
-from tiny_models import AWQ_RUN, AWQ_SOURCE, K_QUANT_SIZES, R1V_QUANTS, TIED, tiny_r1v_checkpoint
+from tiny_models import (AWQ_RUN, AWQ_SOURCE, K_QUANT_SIZES, MMPROJ_SOURCE, R1V_AWQ_RUN, R1V_QUANTS, TIED,
+                         tiny_r1v_checkpoint)
 
 if TYPE_CHECKING:
     from r1v.converters.gguf import GGUFConversion
@@ -87,6 +88,18 @@ def tiny_r1v_gguf(tiny_r1v: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture(scope="session")
+def tiny_r1v_awq(tiny_r1v: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """tiny_r1v converted by `r1v convert awq` (tests/tiny_models.py R1V_AWQ_RUN: RTN, group 32), `tiny-r1v-awq`."""
+    pytest.importorskip("torch")
+    from r1v.quant.driver import quantize_checkpoint_awq
+
+    out = tmp_path_factory.mktemp("shared") / "tiny-r1v-awq"
+    quantize_checkpoint_awq(tiny_r1v, out, **R1V_AWQ_RUN)
+    with _read_only(out):
+        yield out
+
+
+@pytest.fixture(scope="session")
 def awq_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The AWQ tests' checkpoint (tests/tiny_models.py AWQ_SOURCE: 6B-flavour ViT, 224-pixel tiles), `tiny`."""
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("shared") / "tiny", **AWQ_SOURCE)
@@ -132,6 +145,15 @@ def tiny_k_quant_f16(tiny_k_quant: Path, tmp_path_factory: pytest.TempPathFactor
     f16 = convert_gguf(tiny_k_quant, out, ["f16"], None, progress=False).llm["f16"]
     with _read_only(out):
         yield f16
+
+
+@pytest.fixture(scope="session")
+def mmproj_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The mmproj tests' checkpoint (tests/tiny_models.py MMPROJ_SOURCE: 300M-flavour ViT 64 wide, seed 3, f32),
+    directory `tiny-300m`."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("shared") / "tiny-300m", **MMPROJ_SOURCE)
+    with _read_only(path):
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -18,21 +18,19 @@ from r1v.converters.gguf_mmproj import POSITION_ORDER, POSITION_ORDER_KEY, check
 from r1v.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, choose_grid, normalize, prepare_image
 from r1v.runtime.backends.llamacpp.llama_params import open_llama
 from r1v.runtime.backends.llamacpp.mtmd import MtmdContext, MtmdError, TextModel
-from r1v.testing import make_tiny_checkpoint
 from r1v.testing.images import pattern_pixels
 
 torch = pytest.importorskip("torch")
 from r1v.runtime.model import R1VModel  # noqa: E402
 
-# vit_hidden/intermediate multiples of 32, so Q8_0 blocks apply to every ViT and projector matrix.
-SIZES = dict(vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
 QType = gguf.GGMLQuantizationType
 
 
 @pytest.fixture(scope="module")
-def ckpt_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("mmproj") / "tiny-300m", vit="300m", seed=3, dtype="f32",
-                                **SIZES)
+def ckpt_path(mmproj_source: Path) -> Path:
+    """The shared mmproj tests' checkpoint (tests/tiny_models.py: ViT 64 wide, so Q8_0 blocks apply to every ViT
+    and projector matrix)."""
+    return mmproj_source
 
 
 @pytest.fixture(scope="module")

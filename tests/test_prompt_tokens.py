@@ -10,13 +10,11 @@ import pytest
 from r1v.converters.checkpoint import open_checkpoint
 from r1v.runtime.backends.awq.tokenizer import AWQTokenizer
 from r1v.runtime.backends.prompt import tokenize_pieces
-from r1v.testing import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> AWQTokenizer:
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tok") / "ckpt")
-    return AWQTokenizer(open_checkpoint(path).tokenizer, path)
+def tokenizer(tiny_6b: Path) -> AWQTokenizer:
+    return AWQTokenizer(open_checkpoint(tiny_6b).tokenizer, tiny_6b)
 
 
 def test_plain_message_text_gets_the_ids_of_the_whole_prompt(tokenizer: AWQTokenizer):

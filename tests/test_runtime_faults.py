@@ -41,8 +41,6 @@ TILE = 256
 
 @dataclass
 class Files:
-    root: Path  # this module's own directory
-    ckpt: Path
     llm: Path
     mmproj: Path
     other_mmproj: Path  # the same shapes, converted from another checkpoint (other weights)
@@ -50,14 +48,14 @@ class Files:
 
 
 @pytest.fixture(scope="module")
-def files(tiny_r1v: Path, tiny_r1v_gguf: GGUFConversion, tmp_path_factory: pytest.TempPathFactory) -> Files:
+def files(tiny_r1v_gguf: GGUFConversion, tmp_path_factory: pytest.TempPathFactory) -> Files:
     """The shared tiny-r1v model, and a projector of the same shapes converted from seed 9's weights."""
     root = tmp_path_factory.mktemp("faults")
     other = tiny_r1v_checkpoint(root / "other-r1v", seed=9)
     other_mmproj = convert_gguf(other, root / "other-gguf", quant=[], mmproj_quant="f16", progress=False).mmproj
     png = root / "square.png"
     Image.fromarray(pattern_pixels(448, 448, 5)).save(png)
-    return Files(root, tiny_r1v, tiny_r1v_gguf.llm["f16"], tiny_r1v_gguf.mmproj, other_mmproj, png)
+    return Files(tiny_r1v_gguf.llm["f16"], tiny_r1v_gguf.mmproj, other_mmproj, png)
 
 
 def _r1v(*args: str) -> subprocess.CompletedProcess:
@@ -293,14 +291,8 @@ def test_control_tokens_in_message_text_stay_text_llamacpp(files: Files):
 
 
 @pytest.mark.slow
-def test_control_tokens_in_message_text_stay_text_awq(files: Files):
+def test_control_tokens_in_message_text_stay_text_awq(files: Files, tiny_r1v_awq: Path):
     """The same on the AWQ backend (torch; its tokenizer is the checkpoint's tokenizer.json)."""
-    pytest.importorskip("torch")
-    from r1v.quant.driver import quantize_checkpoint_awq
-
-    out = files.root / "tiny-awq"
-    quantize_checkpoint_awq(files.ckpt, out, group_size=32, n_samples=2, seq_len=320, method="rtn",
-                            progress=False)
-    with load(out, n_ctx=1024, device="cpu", **THREADS) as model:
+    with load(tiny_r1v_awq, n_ctx=1024, device="cpu", **THREADS) as model:
         assert model.resolved.format == "awq"
         check_message_text_is_not_control_tokens(model, files.png)

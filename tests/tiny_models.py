@@ -21,6 +21,10 @@ R1V_SEED = 8
 # Its GGUF files: F16 for the runtime tests, Q8_0 as another model file beside the same projector (prefix cache).
 R1V_QUANTS = ("f16", "q8_0")
 
+# The same model converted by `r1v convert awq` (RTN, group 32, default fp16 vision tower): the AWQ backend beside
+# llama.cpp's on one checkpoint.
+R1V_AWQ_RUN: dict[str, Any] = dict(group_size=32, n_samples=2, seq_len=320, method="rtn", progress=False)
+
 # The AWQ tests' source: the InternViT-6B flavour with 224-pixel tiles (64 image tokens per tile), 2 LLM layers;
 # converted by RTN with group 32 (the tiny rows are 64 and 160 wide).
 AWQ_SOURCE: dict[str, Any] = dict(vit="6b", seed=3, image_size=224, llm_layers=2)
@@ -30,6 +34,11 @@ AWQ_RUN: dict[str, Any] = dict(group_size=32, n_samples=4, seq_len=160, method="
 # `convert gguf` writes an mmproj too.
 K_QUANT_SIZES: dict[str, Any] = dict(llm_hidden=256, llm_intermediate=512, llm_layers=2, vit_hidden=64,
                                      vit_intermediate=128)
+
+# The mmproj tests' model: 300M-flavour ViT 64 wide (multiples of 32: Q8_0 blocks apply to every ViT and projector
+# matrix), 4 heads, 2 layers; the default tiny LLM; seed 3, f32.
+MMPROJ_SOURCE: dict[str, Any] = dict(vit="300m", seed=3, dtype="f32", vit_hidden=64, vit_intermediate=128,
+                                     vit_heads=4, vit_layers=2)
 
 # Tied input/output embeddings: no lm_head tensor in the checkpoint, no output tensor in the GGUF.
 TIED: dict[str, Any] = dict(vit="300m", seed=5, dtype="f32", tie_word_embeddings=True)
