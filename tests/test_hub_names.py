@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
-from test_resolve import COMMIT, make_hub_cache, no_network  # noqa: F401  (no_network: autouse, sockets refuse)
+from test_resolve import COMMIT, calls, make_hub_cache, no_network  # noqa: F401  (no_network: autouse, sockets refuse; calls: a fixture)
 
 from r1v.cli import main as cli_main
 from r1v.runtime.files.registry import load_registry
@@ -54,22 +54,6 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (home / "hub").mkdir(parents=True)
     return home / "hub"
-
-
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Every snapshot_download call's arguments; the real function still runs."""
-    import huggingface_hub
-
-    real = huggingface_hub.snapshot_download
-    seen: list[dict] = []
-
-    def spy(repo_id, **kwargs):
-        seen.append({"repo_id": repo_id, **kwargs})
-        return real(repo_id, **kwargs)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
-    return seen
 
 
 @pytest.fixture
