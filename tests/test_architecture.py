@@ -175,4 +175,4 @@ def test_the_demo_model_registers_from_r1v_micro():
     import r1v.micro
     from r1v.runtime.files.resolve import LOCAL_MODELS
 
-    assert LOCAL_MODELS["micro-r1v"] is r1v.micro.build
+    assert LOCAL_MODELS["micro-r1v"] is r1v.micro.demo_files

@@ -28,8 +28,9 @@ def demo_question() -> dict[str, str]:
     return json.loads((resources.files("r1v.micro") / "demo.json").read_text(encoding="utf-8"))
 
 
-def build(quant: str | None = None) -> Path:
-    """micro-r1v's files at `quant`, built from the shipped checkpoint on first use (see `files`)."""
+def demo_files(quant: str | None = None) -> Path:
+    """micro-r1v's files at `quant`, built from the shipped checkpoint on first use (see `files`). Not named
+    `build`: that is a submodule, and importing it would replace the function on the package."""
     from .files import micro_model
 
     return micro_model(quant)
@@ -39,4 +40,4 @@ def register() -> None:
     """Make `r1v.load("micro-r1v")` (and every command taking a model name) find the demo model."""
     from r1v.runtime.files.resolve import register_local_model
 
-    register_local_model(NAME, build)
+    register_local_model(NAME, demo_files)
