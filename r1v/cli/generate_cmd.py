@@ -141,9 +141,10 @@ class Printer:
         self.out.flush()
 
 
-def print_stream(chunks: Iterable[Any], show_reasoning: bool, out: TextIO = sys.stdout) -> Any:
-    """Print a `Model.stream`; return its Result."""
-    printer = Printer(out, show_reasoning)
+def print_stream(chunks: Iterable[Any], show_reasoning: bool, out: TextIO | None = None) -> Any:
+    """Print a `Model.stream` (to `out`, default: the sys.stdout of the moment, not of import time); return its
+    Result."""
+    printer = Printer(out or sys.stdout, show_reasoning)
     result = None
     try:
         for chunk in chunks:
