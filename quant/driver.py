@@ -337,8 +337,8 @@ class _Run:
         batch = build_calibration_batch(self.ckpt, self.items, self.opts.n_samples, self.opts.seq_len)
         calibration = dict(sorted(batch.stats.items()))  # the order a resumed run reads back
         self.say(f"calibration: {batch.input_ids.shape[0]} windows x {batch.input_ids.shape[1]} tokens, "
-                 f"{batch.stats['images']} images ({batch.stats['tiles']} tiles, "
-                 f"{batch.stats['image_tokens']} image tokens)")
+                 f"{batch.stats['images']} image places ({batch.stats['distinct_images']} distinct images, "
+                 f"{batch.stats['tiles']} tiles to encode; {batch.stats['image_tokens']} image tokens)")
         hidden = embed_calibration_batch(self.ckpt, batch, self.device, self.dtype, progress=self.progress)
         self.seconds["calibration"] = round(time.perf_counter() - clock, 3)
         self._save_hidden(0, hidden, imatrix, calibration)
