@@ -176,3 +176,38 @@ def test_the_demo_model_registers_from_r1v_micro():
     from r1v.runtime.files.resolve import LOCAL_MODELS
 
     assert LOCAL_MODELS["micro-r1v"] is r1v.micro.demo_files
+
+
+# The rooms of the core (ARCHITECTURE.md), most specific prefix first; a module belongs to the first that matches.
+ROOMS = ("r1v.runtime.backends.llamacpp", "r1v.runtime.backends.awq", "r1v.runtime.backends", "r1v.runtime.files",
+         "r1v.runtime.model", "r1v.runtime.image", "r1v.runtime", "r1v.quant", "r1v.converters")
+# Which rooms each room may import (besides itself): the layering ARCHITECTURE.md states, lowest first.
+ROOM_DEPENDS = {
+    "r1v.converters": set(),
+    "r1v.runtime.image": {"r1v.converters"},
+    "r1v.runtime.model": {"r1v.converters"},
+    "r1v.quant": {"r1v.converters", "r1v.runtime.image", "r1v.runtime.model"},
+    "r1v.runtime.files": {"r1v.converters", "r1v.runtime"},  # runtime: options.py (errors) only
+    "r1v.runtime.backends": {"r1v.converters", "r1v.runtime.image", "r1v.runtime"},
+    "r1v.runtime.backends.llamacpp": {"r1v.converters", "r1v.runtime.image", "r1v.runtime", "r1v.runtime.backends"},
+    "r1v.runtime.backends.awq": {"r1v.converters", "r1v.runtime.image", "r1v.runtime", "r1v.runtime.backends",
+                                 "r1v.runtime.files", "r1v.runtime.model", "r1v.quant"},
+    "r1v.runtime": {"r1v.converters", "r1v.runtime.image", "r1v.runtime.files", "r1v.runtime.backends",
+                    "r1v.runtime.backends.llamacpp", "r1v.runtime.backends.awq"},
+}
+
+
+def room(module: str) -> str:
+    return next(r for r in ROOMS if module == r or module.startswith(r + "."))
+
+
+def test_rooms_import_only_the_rooms_below_them():
+    """The layering of ARCHITECTURE.md, so the room graph has no cycle (runtime <-> quant at package level is
+    runtime.model <- quant <- runtime.backends.awq, a chain, not a loop)."""
+    offenders = sorted(f"{m} -> {d}" for m, deps in core_graph().items() for d in deps
+                       if room(d) != room(m) and room(d) not in ROOM_DEPENDS[room(m)])
+    assert offenders == []
+    # "r1v.runtime" below files/backends means the shared leaves only (options, chat templates), never api.py
+    upward = sorted(f"{m} -> {d}" for m, deps in core_graph().items() for d in deps
+                    if room(m) != "r1v.runtime" and d == "r1v.runtime.api")
+    assert upward == []
