@@ -32,12 +32,19 @@ if TYPE_CHECKING:
     from r1v.converters.gguf import GGUFConversion
 
 
-# Shared model directory -> its files as built (relative name -> size, mtime), checked after every test.
+# Shared model directory -> its files as built (path -> size, mtime), checked after every test.
 _SHARED: dict[Path, dict[str, tuple[int, int]]] = {}
 
 
 def _state(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    # os.walk, not Path.rglob: a third of the time, and this runs after every test (~0.3 ms for all models)
+    state = {}
+    for top, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(top, name)
+            st = os.stat(path)
+            state[path] = (st.st_size, st.st_mtime_ns)
+    return state
 
 
 def _shared(root: Path) -> Path:
@@ -53,7 +60,7 @@ def _shared_models_unchanged() -> Iterator[None]:
     yield
     for root, built in _SHARED.items():
         now = _state(root)
-        changed = sorted(name for name in built.keys() | now.keys() if built.get(name) != now.get(name))
+        changed = sorted(os.path.relpath(p, root) for p in built.keys() | now.keys() if built.get(p) != now.get(p))
         if changed:
             _SHARED[root] = now  # reported once, here
             pytest.fail(f"this test changed the shared model {root}: {', '.join(changed)} (copy it to tmp_path "
