@@ -67,31 +67,34 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [T, D]."""
+    """x [B, H, T, D]; cos/sin [T, D], or [B, 1, 1, D] for one position per row (a decode step)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 @dataclass
 class StaticStep:
-    """A one-token decode step with fixed shapes: the token sits at `position` (int64 [1], on the device) and attends
-    to the first `span` cache positions, of which `mask` ([1, span] bool) shows those <= position. Nothing in it
-    depends on a host value, so one step per span can be captured as a CUDA graph and replayed at any position
-    (`model.decode.StaticDecoder`); the cache's `length` is not touched (the caller advances it)."""
+    """A one-token decode step of B sequences with fixed shapes: row b's token sits at `position[b]` (int64 [B], on
+    the device) in row b of the KV cache and attends to the first `span` positions of that row, of which `mask`
+    ([B, 1, 1, span] bool) shows those <= its position. Nothing in it depends on a host value, so one step per
+    (B, span) can be captured as a CUDA graph and replayed at any positions (`model.decode.StaticDecoder`); the
+    cache's lengths are not touched (the caller advances them)."""
 
     position: torch.Tensor
     span: int
 
     @property
     def mask(self) -> torch.Tensor:
-        return torch.arange(self.span, device=self.position.device)[None, :] <= self.position[:, None]
+        keys = torch.arange(self.span, device=self.position.device)
+        return (keys[None, :] <= self.position[:, None])[:, None, None, :]
 
 
 @dataclass
 class KVCache:
     """Static (preallocated) key/value cache for all layers: [B, kv_heads, capacity, head_dim] per layer.
 
-    `length` positions are filled; a forward pass with the cache writes at `length` and advances it.
+    `length` positions are filled; a forward pass with the cache writes at `length` and advances it. A cache of
+    several rows holds one sequence per row (`row(b)`: that row as a one-sequence cache with its own length).
     """
 
     keys: list[torch.Tensor]
@@ -116,13 +119,30 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    def row(self, index: int) -> KVCache:
+        """Row `index` as a one-sequence cache over the same memory (its writes land in this cache's tensors);
+        its `length` is its own, starting at 0."""
+        if not 0 <= index < self.rows:
+            raise IndexError(f"KV cache row {index} of {self.rows}")
+        return KVCache([k[index:index + 1] for k in self.keys], [v[index:index + 1] for v in self.values])
+
     def write_at(self, layer: int, step: StaticStep, k: torch.Tensor,
                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one position's k/v [B, kv_heads, 1, D] at `step.position` (a tensor: no host value, so the same
-        captured CUDA graph serves every position); return the first `step.span` positions of keys/values."""
-        self.keys[layer].index_copy_(2, step.position, k)
-        self.values[layer].index_copy_(2, step.position, v)
-        return self.keys[layer][:, :, :step.span], self.values[layer][:, :, :step.span]
+        """Store one position per row, k/v [B, kv_heads, 1, D], row b at `step.position[b]` of cache row b (a
+        tensor: no host value, so the same captured CUDA graph serves every position); return the first
+        `step.span` positions of rows 0..B-1."""
+        b, heads, _, dim = k.shape
+        keys, values = self.keys[layer][:b], self.values[layer][:b]
+        # Rows of [B * kv_heads * capacity, D]: row (b, h, position[b]) is (b * kv_heads + h) * capacity + position[b].
+        at = (torch.arange(b * heads, device=k.device).view(b, heads) * self.capacity
+              + step.position[:, None]).reshape(-1)
+        keys.view(-1, dim).index_copy_(0, at, k.reshape(-1, dim))
+        values.view(-1, dim).index_copy_(0, at, v.reshape(-1, dim))
+        return keys[:, :, :step.span], values[:, :, :step.span]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, kv_heads, T, D] at positions length..length+T; return all filled keys/values."""
@@ -164,7 +184,8 @@ class Attention(nn.Module):
                 raise ValueError("a static step is one token over a KV cache")
             k, v = cache.write_at(self.layer, step, k, v)
             # Grouped-query attention without repeating keys: the query heads that share a KV head are that
-            # head's queries (head h reads KV head h // groups, as repeat_interleave below lays them out).
+            # head's queries (head h reads KV head h // groups, as repeat_interleave below lays them out); each
+            # row attends to its own cache row under its own mask.
             q = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.o_proj(out.reshape(b, 1, self.n_heads * self.head_dim))
@@ -224,7 +245,7 @@ class Qwen2Model(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, cache: KVCache | None = None,
                 step: StaticStep | None = None) -> torch.Tensor:
         """Hidden states of `inputs_embeds` [B, T, H] continuing the cached sequence (advancing cache.length); with
-        `step`, one token at step.position with fixed shapes (cache.length is left to the caller)."""
+        `step`, one token per row (T = 1) at step.position with fixed shapes (the lengths are left to the caller)."""
         mask = None
         if step is not None:
             positions, mask = step.position, step.mask  # the mask once for all layers
@@ -232,6 +253,8 @@ class Qwen2Model(nn.Module):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
+        if step is not None:  # one position per row: [B, D] -> [B, 1, 1, D] against q/k [B, heads, 1, D]
+            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, cache, step, mask)
