@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, NamedTuple, Sequence
@@ -29,6 +30,7 @@ from .reasoning import ReasoningParser, Round, parse_rounds, split_reasoning
 if TYPE_CHECKING:
     from .backends.base import Backend
     from .backends.prompt import Run
+    from .backends.scheduler import Scheduler
     from .image import TilingConfig
     from .files.resolve import ResolvedModel
 
@@ -187,8 +189,12 @@ class Model:
     """A loaded model: `generate` / `stream` over chat messages or a prompt with images.
 
     Keeps the previous request's sequence in the KV cache, so a follow-up that repeats the conversation
-    evaluates only what is new (`Result.cached_tokens`). One request at a time, from one thread: a new
-    request ends a stream left unfinished. `close()` (or ``with``) frees the native memory.
+    evaluates only what is new (`Result.cached_tokens`). Loaded with ``parallel=1`` (the default): one request
+    at a time, from one thread; a new request ends a stream left unfinished. With ``parallel=N``: up to N
+    threads stream at once over one copy of the weights (`backends.scheduler`: one forward per token for all
+    of them); a request beyond N waits for a sequence to free up; a new request ends the unfinished stream of
+    its own thread only; each takes the sequence whose cached conversation shares the longest prefix with it.
+    `close()` (or ``with``) frees the native memory.
     """
 
     def __init__(self, backend: Backend, resolved: ResolvedModel | None, options: LoadOptions):
@@ -202,7 +208,12 @@ class Model:
                                               entry.chat_template if entry is not None else None)
         # The registry entry's sampling (models.yaml `generation`), else SamplingParams' own defaults.
         self.sampling = (entry.generation if entry is not None else SamplingParams()).replace(seed=options.seed)
-        self._active: _Active | None = None
+        self._active: dict[int, _Active] = {}  # by thread (parallel > 1), else one under key 0
+        self._scheduler: Scheduler | None = None
+        if getattr(backend, "max_sequences", 1) > 1:
+            from .backends.scheduler import Scheduler
+
+            self._scheduler = Scheduler(backend)  # type: ignore[arg-type] - a BaseBackend with sequences
 
     # --- facts --------------------------------------------------------------------------------------
     @property
@@ -262,11 +273,16 @@ class Model:
         the call, not at the first ``next()``."""
         params = (sampling or self.sampling).replace(**overrides) if overrides else (sampling or self.sampling)
         rendered = self.render(messages_or_prompt, images)
-        self._cancel()
+        key = self._cancel()
         tiling = {k: v for k, v in (("max_tiles", max_tiles), ("image_budget", image_budget)) if v is not None}
-        prompt = self._backend.prepare(rendered.fragments, rendered.images, **tiling)
-        active = self._active = _Active(self._backend.start(prompt, params))
-        return self._chunks(active, rendered, params)
+        if self._scheduler is None:
+            prompt = self._backend.prepare(rendered.fragments, rendered.images, **tiling)
+            run = self._backend.start(prompt, params)
+        else:  # prepared between the steps of the streams running (the engine is the scheduler's)
+            prompt = self._scheduler.call(self._backend.prepare, rendered.fragments, rendered.images, **tiling)
+            run = self._scheduler.submit(prompt, params)
+        active = self._active[key] = _Active(run)
+        return self._chunks(active, rendered, params, key)
 
     def generate(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], images: Sequence[Any] | None = None,
                  sampling: SamplingParams | None = None, *, max_tiles: int | None = None,
@@ -279,15 +295,24 @@ class Model:
         assert result is not None
         return result
 
-    def _cancel(self) -> None:
-        """End the unfinished stream, if any: the KV cache keeps what it evaluated; its consumer gets a
-        RuntimeError at the next chunk."""
-        if self._active is not None:
-            self._active.cancelled = True
-            self._active.run.close()
-            self._active = None
+    def _cancel(self) -> int:
+        """End the unfinished stream of this thread (of the model, at parallel=1), if any: the KV cache keeps
+        what it evaluated; its consumer gets a RuntimeError at the next chunk. Returns the stream key."""
+        key = threading.get_ident() if self._scheduler is not None else 0
+        active = self._active.pop(key, None)
+        if active is not None:
+            active.cancelled = True
+            active.run.close()
+        return key
 
-    def _chunks(self, active: _Active, rendered: RenderedPrompt, params: SamplingParams) -> Iterator[StreamChunk]:
+    def _exclusive(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` on the engine once no other stream runs (parallel > 1), else at once."""
+        if self._scheduler is None:
+            return fn(*args)
+        return self._scheduler.call(fn, *args, exclusive=True)
+
+    def _chunks(self, active: _Active, rendered: RenderedPrompt, params: SamplingParams,
+                key: int) -> Iterator[StreamChunk]:
         run = active.run
         in_reasoning = rendered.starts_in_reasoning
         text = _TextAssembler(params.stop, in_reasoning)
@@ -325,8 +350,8 @@ class Model:
             yield StreamChunk("", kind, None, finish, result)
         finally:
             run.close()
-            if self._active is active:
-                self._active = None
+            if self._active.get(key) is active:
+                del self._active[key]
 
     def logprobs(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], tokens: Sequence[int],
                  images: Sequence[Any] | None = None) -> Any:
@@ -334,18 +359,29 @@ class Model:
         the answer to the prompt: row i is the distribution after the prompt and tokens[:i] (`r1v eval`)."""
         rendered = self.render(messages_or_prompt, images)
         self._cancel()
-        prompt = self._backend.prepare(rendered.fragments, rendered.images)
-        return self._backend.logprobs(prompt, tokens)
+
+        def score() -> Any:
+            prompt = self._backend.prepare(rendered.fragments, rendered.images)
+            return self._backend.logprobs(prompt, tokens)
+
+        return self._exclusive(score)
 
     def reset(self) -> None:
-        """Forget the cached conversation (the next request evaluates its whole prompt)."""
+        """Forget the cached conversations (the next request evaluates its whole prompt). With parallel > 1 it
+        waits until the other threads' streams are done."""
         self._cancel()
-        self._backend.reset()
+        self._exclusive(self._backend.reset)
 
     # --- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the native memory (weights, KV cache, vision tower). The Model cannot be used afterwards."""
-        self._cancel()
+        """Free the native memory (weights, KV cache, vision tower). The Model cannot be used afterwards;
+        streams still running in other threads end with an error."""
+        for active in list(self._active.values()):
+            active.cancelled = True
+            active.run.close()
+        self._active.clear()
+        if self._scheduler is not None:
+            self._scheduler.close()
         self._backend.close()
 
     def __enter__(self) -> Model:

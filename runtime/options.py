@@ -40,7 +40,11 @@ class LoadOptions:
     when not beside the model; the Hugging Face cache; no downloads). allow_mismatched_mmproj: load a
     projector whose provenance (`r1v.source.*`) names another checkpoint than the model's (refused by default:
     `MismatchedProjectorError`).
-    n_ctx: context window in tokens (prompt + output, images included: 256 per 448-pixel tile).
+    n_ctx: context window in tokens (prompt + output, images included: 256 per 448-pixel tile), of each sequence.
+    parallel: sequences in one context, that many requests generated at once over one copy of the weights
+    (`Model.stream` from up to `parallel` threads; continuous batching, `backends.scheduler`). Each sequence has
+    the whole n_ctx window, so the KV cache takes parallel x n_ctx positions (llama-server's -np splits its -c
+    among the slots instead). 1: one request at a time, the single-sequence path.
     n_threads: decoding threads (default: half the CPUs available, at least 1); n_threads_batch: prompt
     and image threads (default: all CPUs available). n_batch: tokens per llama_decode call in the prompt.
     max_tiles: most tiles per image (default: the model's, 12 for R1V). tiling: "internvl" cuts images
@@ -74,6 +78,7 @@ class LoadOptions:
     mmproj: str | Path | None = None
     allow_mismatched_mmproj: bool = False
     n_ctx: int = 8192
+    parallel: int = 1
     n_threads: int | None = None
     n_threads_batch: int | None = None
     n_batch: int = 512
@@ -100,6 +105,8 @@ class LoadOptions:
     def __post_init__(self) -> None:
         if self.n_ctx < 16:
             raise ValueError(f"n_ctx must be >= 16, got {self.n_ctx}")
+        if self.parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {self.parallel}")
         if self.n_batch < 1:
             raise ValueError(f"n_batch must be >= 1, got {self.n_batch}")
         for name in ("n_threads", "n_threads_batch", "max_tiles"):

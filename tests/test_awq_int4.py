@@ -266,8 +266,8 @@ def test_cuda_graph_decode_equals_eager_decode(awq_dir, monkeypatch):
         first = backend.prepare([m.render(QUESTION).text], [])
         backend.reset()
         token = int(backend._evaluate(first, {}, 0).argmax())
-        step = backend._step(token)
-        backend._truncate(len(first.items))
+        step = backend._step(backend.sequence, token)
+        backend._truncate(backend.sequence, len(first.items))
         dynamic = backend._forward(backend._embed_tokens((token,)), (token,), True)
         assert torch.nn.functional.cosine_similarity(step, dynamic, dim=0).item() > 0.999
         assert int(step.argmax()) == int(dynamic.argmax())

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r1v.runtime.backends.base import Backend, BaseBackend, Request
+from r1v.runtime.backends.base import Backend, BaseBackend, Request, SequenceState
 from r1v.runtime.backends.prompt import ImageKey, ImageSlot, Prompt, Run, RunStats, Span, spans
 from r1v.runtime.image import TilingConfig
 from r1v.runtime.options import ContextOverflowError, LoadOptions, SamplingParams
@@ -96,22 +96,23 @@ class Toy(BaseBackend):
         self.encoded.append(slot.key)
         return np.full((slot.n_positions, 4), -1.0, np.float32)
 
-    def _evaluate_span(self, prompt: Prompt, span: Span, embeddings: dict[int, Any]) -> np.ndarray | None:
+    def _evaluate_span(self, sequence: SequenceState, prompt: Prompt, span: Span,
+                       embeddings: dict[int, Any]) -> np.ndarray | None:
         for i, a, b in span.parts:
             segment = prompt.segments[i]
             self.cache.extend(embeddings[i][a:b, 0] if isinstance(segment, ImageSlot) else segment[a:b])
         self.evaluated.append((span.start, span.end))
-        self.sequence.positions.extend(prompt.items[span.start:span.end])
+        sequence.positions.extend(prompt.items[span.start:span.end])
         return _row(self.cache[-1]) if span.logits else None
 
-    def _step(self, token: int) -> np.ndarray:
+    def _step(self, sequence: SequenceState, token: int) -> np.ndarray:
         self.cache.append(token)
-        self.sequence.positions.append(token)
+        sequence.positions.append(token)
         return _row(token)
 
-    def _score_tokens(self, tokens: list[int]) -> np.ndarray:
+    def _score_tokens(self, sequence: SequenceState, tokens: list[int]) -> np.ndarray:
         self.cache.extend(tokens)
-        self.sequence.positions.extend(tokens)
+        sequence.positions.extend(tokens)
         return np.stack([_row(t) for t in tokens])
 
     def _logits_row(self, logits: np.ndarray) -> np.ndarray:
@@ -123,7 +124,7 @@ class Toy(BaseBackend):
     def _is_end(self, token: int) -> bool:
         return token == END
 
-    def _truncate_cache(self, keep: int) -> int:
+    def _truncate_cache(self, sequence: SequenceState, keep: int) -> int:
         del self.cache[keep:]
         return keep
 

@@ -7,21 +7,25 @@ gathering image embeddings (one LRU), the prefill and decode timings in `RunStat
 at the token limit, and the teacher-forced `logprobs`. A backend implements what its engine does differently:
 
 - `_encode_image(slot)`: an image's embeddings [n_positions, width].
-- `_evaluate_span(prompt, span, embeddings)`: write one `Span` of prompt positions into the KV cache and append
-  them to `sequence.positions`; when `span.logits`, a handle on the last position's logits.
-- `_step(token)`: one decode step (the token appended likewise); the new logits handle.
-- `_score_tokens(tokens)`: evaluate tokens keeping the logits of each, numpy [len(tokens), n_vocab].
+- `_evaluate_span(sequence, prompt, span, embeddings)`: write one `Span` of prompt positions into the KV cache
+  of `sequence` and append them to `sequence.positions`; when `span.logits`, a handle on the last position's
+  logits.
+- `_step(sequence, token)`: one decode step (the token appended likewise); the new logits handle.
+- `_score_tokens(sequence, tokens)`: evaluate tokens keeping the logits of each, numpy [len(tokens), n_vocab].
 - `_logits_row(handle)`: numpy float32 [n_vocab] logits of a handle.
 - `_sampler(params, prompt)`: a `TokenSampler` primed with the prompt; `_is_end(token)`.
-- `_truncate_cache(keep)`, `_is_open()`, and the vocabulary: `tokenize`, `piece`, `detokenize`.
+- `_truncate_cache(sequence, keep)`, `_is_open()`, and the vocabulary: `tokenize`, `piece`, `detokenize`.
 Where an engine has more to say: `_check_request`, `_request_tiling`, `_slot`, `_prefix_points`, `_restore` (a
 saved prefix), `_evaluated` (after each span), `_sync`, `_clear_cache`; `across_segments` picks how the prompt
-is cut into spans (`prompt.spans`).
+is cut into spans (`prompt.spans`); `_step_batch` advances several sequences in one forward (the default is a
+loop over `_step`).
 
 Per-request state lives in objects, not in the backend: a `SequenceState` (one sequence of the KV cache: its
 id and what sits at each of its positions; it outlives requests, for prefix reuse) and a `Request` on it (the
-prompt, sampling, token limit, stats, and the sampler while it decodes). A backend has one sequence and runs
-one request at a time; several sequences in one context can be built on these.
+prompt, sampling, token limit, stats, and the sampler while it decodes). Every hook names its sequence. At
+`LoadOptions.parallel` 1 a backend runs one request at a time on `self.sequence` (`generate`); an engine that
+sets `multi_sequence` holds `parallel` sequences in one context (`self.sequences`), and `scheduler.Scheduler`
+runs up to that many requests at once over them, one `_step_batch` per token.
 """
 from __future__ import annotations
 
@@ -40,9 +44,19 @@ from ..options import ContextOverflowError, LoadOptions, SamplingParams
 from .prompt import (ImageKey, ImageSlot, Prompt, Run, RunStats, Span, TextPiece, image_digest, interleave,
                      segment_positions, spans, tokenize_pieces, wrap_text_pieces)
 
-__all__ = ["Backend", "BaseBackend", "IMG_END", "IMG_START", "Request", "SequenceState", "TokenSampler"]
+__all__ = ["Backend", "BaseBackend", "IMG_END", "IMG_START", "Request", "SequenceState", "TokenSampler",
+           "common_prefix"]
 
 IMG_START, IMG_END = "<img>", "</img>"
+
+
+def common_prefix(held: Sequence[Any], items: Sequence[Any]) -> int:
+    """How many leading positions of a sequence (`held`) a prompt (`items`) can keep: the common prefix, short of
+    the prompt's last position (always evaluated: its logits give the first token)."""
+    keep, limit = 0, min(len(held), len(items) - 1)
+    while keep < limit and held[keep] == items[keep]:
+        keep += 1
+    return keep
 
 
 @runtime_checkable
@@ -110,12 +124,16 @@ class Request:
     max_new: int
     stats: RunStats
     sampler: TokenSampler | None = None  # while it decodes
+    started: float = 0.0  # perf_counter when its evaluation began
+    produced: int = 0  # tokens sampled so far
+    first: float = 0.0  # perf_counter of the first token
 
 
 class BaseBackend(ABC):
     """The request loop and prompt preparation of every backend; subclasses supply the engine (module doc)."""
 
     across_segments = False  # spans may hold text and image positions together (else one segment per span)
+    multi_sequence = False  # the engine keeps several sequences in one context (LoadOptions.parallel > 1)
     n_ctx: int
     n_batch: int
     n_vocab: int
@@ -128,7 +146,12 @@ class BaseBackend(ABC):
         self.options = options
         self.tiling: TilingConfig | None = None
         self.tokens_per_tile: int | None = None
-        self.sequence = SequenceState()
+        if options.parallel > 1 and not self.multi_sequence:
+            raise ValueError(f"parallel={options.parallel}: {type(self).__name__} holds one sequence; load with "
+                             "parallel=1")
+        self.max_sequences = options.parallel
+        self.sequences = [SequenceState(i) for i in range(self.max_sequences)]
+        self.sequence = self.sequences[0]  # the one sequence of `generate` (parallel=1)
         self._image_cache: OrderedDict[ImageKey, Any] = OrderedDict()
         self._img_tokens: list[int] = []  # ids of <img> and </img>
         self._bos: int | None = None
@@ -229,6 +252,12 @@ class BaseBackend(ABC):
     def start(self, prompt: Prompt, params: SamplingParams) -> Run:
         """Check that the prompt leaves room for an answer; the returned run evaluates and samples as it is
         iterated (`generate`)."""
+        request = self.request(prompt, params, self.sequence)
+        return Run(self.generate(request), request.stats)
+
+    def request(self, prompt: Prompt, params: SamplingParams, sequence: SequenceState) -> Request:
+        """A request of the prompt on `sequence`, once the prompt leaves room for an answer in a sequence's
+        window (`n_ctx`); ContextOverflowError otherwise."""
         self._live()
         n = prompt.n_positions
         if n >= self.n_ctx:
@@ -237,73 +266,109 @@ class BaseBackend(ABC):
                 f"the prompt is {n} tokens{images}, but the context window is {self.n_ctx} tokens (n_ctx), "
                 f"which leaves no room for an answer; load with a larger n_ctx, shorten the conversation, or "
                 f"use fewer or smaller images (max_tiles)", prompt_tokens=n, n_ctx=self.n_ctx)
-        request = Request(self.sequence, prompt, params, min(params.max_tokens, self.n_ctx - n), RunStats.of(prompt))
-        return Run(self.generate(request), request.stats)
+        return Request(sequence, prompt, params, min(params.max_tokens, self.n_ctx - n), RunStats.of(prompt))
 
     def generate(self, request: Request) -> Iterator[tuple[int, bytes, bool]]:
         """Run a request: keep the cached prefix, encode the images after it, evaluate the rest of the prompt,
         then sample and step until an end token or `max_new` tokens; yields (token, piece, is_end)."""
         self._live()
-        prompt, params, stats = request.prompt, request.params, request.stats
-        start = time.perf_counter()
-        keep = self._reuse(request)
-        embeddings = self._image_embeddings(prompt, keep)
-        self._sync()
-        stats.image_seconds = time.perf_counter() - start
-        sampler = request.sampler = self._sampler(params, prompt)
+        keep, embeddings = self._begin(request)
+        sampler = request.sampler
+        assert sampler is not None
         try:
-            stats.seed = sampler.seed
-            logits = self._evaluate(prompt, embeddings, keep)
-            self._sync()
-            stats.prefill_seconds = time.perf_counter() - start
-            first = 0.0
-            for n in range(1, request.max_new + 1):
-                token = sampler.sample(logits)
-                now = time.perf_counter()
-                if n == 1:
-                    first = now
-                    stats.time_to_first_token = now - start
-                stats.decode_seconds = now - first
-                end = self._is_end(token)
-                yield token, self.piece(token), end
-                if end or n == request.max_new:
+            logits = None
+            for span in self.prompt_spans(request, keep):
+                logits = self._evaluate_prompt_span(request, span, embeddings)
+            while True:
+                token, piece, end = self._sample(request, logits)
+                yield token, piece, end
+                if end or request.produced == request.max_new:
                     return
-                logits = self._step(token)
+                logits = self._step(request.sequence, token)
         finally:
-            sampler.close()
+            self._finish(request)
+
+    def _begin(self, request: Request) -> tuple[int, dict[int, Any]]:
+        """Start evaluating a request: keep its cached prefix, encode the images after it, open its sampler;
+        (the positions its sequence already holds, the images' embeddings by segment index)."""
+        stats = request.stats
+        request.started = time.perf_counter()
+        keep = self._reuse(request)
+        embeddings = self._image_embeddings(request.prompt, keep)
+        self._sync()
+        stats.image_seconds = time.perf_counter() - request.started
+        request.sampler = self._sampler(request.params, request.prompt)
+        stats.seed = request.sampler.seed
+        return keep, embeddings
+
+    def prompt_spans(self, request: Request, keep: int) -> Iterator[Span]:
+        """The spans that evaluate the request's prompt after the `keep` positions its sequence holds."""
+        return spans(request.prompt, keep, self.n_batch, across_segments=self.across_segments)
+
+    def _evaluate_prompt_span(self, request: Request, span: Span, embeddings: dict[int, Any]) -> Any:
+        """One span of the request's prompt into its sequence; the logits handle after the prompt's last span
+        (the prefill time is taken then), else None."""
+        logits = self._evaluate_span(request.sequence, request.prompt, span, embeddings)
+        self._evaluated(request.sequence, request.prompt, span.end)
+        if span.logits:
+            self._sync()
+            request.stats.prefill_seconds = time.perf_counter() - request.started
+        return logits
+
+    def _sample(self, request: Request, logits: Any) -> tuple[int, bytes, bool]:
+        """The request's next token from a logits handle, its piece and whether it ends the answer (an end
+        token; `request.produced == request.max_new` says the limit is reached); the timings follow."""
+        assert request.sampler is not None and logits is not None
+        token = request.sampler.sample(logits)
+        now = time.perf_counter()
+        request.produced += 1
+        stats = request.stats
+        if request.produced == 1:
+            request.first = now
+            stats.time_to_first_token = now - request.started
+        stats.decode_seconds = now - request.first
+        return token, self.piece(token), self._is_end(token)
+
+    def _finish(self, request: Request) -> None:
+        """Close the request's sampler (it ended, was cancelled or failed)."""
+        if request.sampler is not None:
+            request.sampler.close()
             request.sampler = None
 
     def _reuse(self, request: Request) -> int:
         """Keep the longest common prefix of the prompt and what the request's sequence holds, then restore a
         longer saved prefix where the backend has one; the positions the cache now holds. The last prompt
         position is always evaluated: its logits give the first token."""
-        assert request.sequence is self.sequence  # the engine hooks act on the backend's one sequence
-        prompt, stats, held = request.prompt, request.stats, request.sequence.positions
-        keep, limit = 0, min(len(held), len(prompt.items) - 1)
-        while keep < limit and held[keep] == prompt.items[keep]:
-            keep += 1
-        self._truncate(keep)
-        keep = len(held)
+        prompt, stats, sequence = request.prompt, request.stats, request.sequence
+        keep = common_prefix(sequence.positions, prompt.items)
+        self._truncate(sequence, keep)
+        keep = len(sequence.positions)
         stats.cached_tokens = keep
-        restored = self._restore(prompt, keep)
+        restored = self._restore(sequence, prompt, keep)
         if restored != keep:
             stats.cached_tokens = min(keep, restored)
             stats.restored_tokens = restored - stats.cached_tokens
         return restored
 
     def _evaluate(self, prompt: Prompt, embeddings: dict[int, Any], keep: int) -> Any:
-        """Evaluate the prompt from position `keep` on, span by span; the logits handle of its last position."""
+        """Evaluate the prompt from position `keep` on into `self.sequence`, span by span; the logits handle of
+        its last position."""
         logits = None
         for span in spans(prompt, keep, self.n_batch, across_segments=self.across_segments):
-            logits = self._evaluate_span(prompt, span, embeddings)
-            self._evaluated(prompt, span.end)
+            logits = self._evaluate_span(self.sequence, prompt, span, embeddings)
+            self._evaluated(self.sequence, prompt, span.end)
         assert logits is not None
         return logits
 
-    def _truncate(self, keep: int) -> None:
-        """Forget the positions from `keep` on (all of them where the engine cannot cut there)."""
-        keep = self._truncate_cache(keep)
-        del self.sequence.positions[keep:]
+    def _truncate(self, sequence: SequenceState, keep: int) -> None:
+        """Forget the sequence's positions from `keep` on (all of them where the engine cannot cut there)."""
+        keep = self._truncate_cache(sequence, keep)
+        del sequence.positions[keep:]
+
+    def _step_batch(self, steps: list[tuple[SequenceState, int]]) -> list[Any]:
+        """Advance each sequence by its token (appended to its positions); the logits handle of each, in
+        order. One forward where the engine batches sequences; here one `_step` after another."""
+        return [self._step(sequence, token) for sequence, token in steps]
 
     # --- scoring (r1v eval) ---------------------------------------------------------------------------
     def logprobs(self, prompt: Prompt, tokens: Sequence[int]) -> np.ndarray:
@@ -321,7 +386,7 @@ class BaseBackend(ABC):
         rows = [self._logits_row(self._evaluate(prompt, embeddings, 0))[None]]
         rest = tokens[:-1]
         for begin in range(0, len(rest), self.n_batch):
-            rows.append(self._score_tokens(rest[begin:begin + self.n_batch]))
+            rows.append(self._score_tokens(self.sequence, rest[begin:begin + self.n_batch]))
         logits = np.concatenate(rows).astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
         return (logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))).astype(np.float32)
@@ -331,7 +396,8 @@ class BaseBackend(ABC):
         """Empty the KV cache (the next request evaluates its whole prompt)."""
         self._live()
         self._clear_cache()
-        self.sequence.positions.clear()
+        for sequence in self.sequences:
+            sequence.positions.clear()
 
     def _live(self) -> None:
         if not self._is_open():
@@ -339,7 +405,8 @@ class BaseBackend(ABC):
 
     def close(self) -> None:
         self._image_cache.clear()
-        self.sequence.positions.clear()
+        for sequence in self.sequences:
+            sequence.positions.clear()
 
     # --- the engine -----------------------------------------------------------------------------------
     @abstractmethod
@@ -359,13 +426,14 @@ class BaseBackend(ABC):
     def _encode_image(self, slot: ImageSlot) -> Any: ...
 
     @abstractmethod
-    def _evaluate_span(self, prompt: Prompt, span: Span, embeddings: dict[int, Any]) -> Any: ...
+    def _evaluate_span(self, sequence: SequenceState, prompt: Prompt, span: Span, embeddings: dict[int, Any]) -> Any:
+        ...
 
     @abstractmethod
-    def _step(self, token: int) -> Any: ...
+    def _step(self, sequence: SequenceState, token: int) -> Any: ...
 
     @abstractmethod
-    def _score_tokens(self, tokens: list[int]) -> np.ndarray: ...
+    def _score_tokens(self, sequence: SequenceState, tokens: list[int]) -> np.ndarray: ...
 
     @abstractmethod
     def _logits_row(self, logits: Any) -> np.ndarray: ...
@@ -377,18 +445,22 @@ class BaseBackend(ABC):
     def _is_end(self, token: int) -> bool: ...
 
     @abstractmethod
-    def _truncate_cache(self, keep: int) -> int:
-        """Drop positions from `keep` on from the engine's cache; where it now ends."""
+    def _truncate_cache(self, sequence: SequenceState, keep: int) -> int:
+        """Drop the sequence's positions from `keep` on from the engine's cache; where it now ends (0 where
+        the engine cannot cut there and emptied that sequence)."""
 
     def _clear_cache(self) -> None:
-        self._truncate_cache(0)
+        """Empty the cache of every sequence."""
+        for sequence in self.sequences:
+            self._truncate_cache(sequence, 0)
 
-    def _restore(self, prompt: Prompt, keep: int) -> int:
-        """Positions the cache holds after restoring a saved prefix of `prompt` longer than `keep`; no store here."""
+    def _restore(self, sequence: SequenceState, prompt: Prompt, keep: int) -> int:
+        """Positions the sequence holds after restoring a saved prefix of `prompt` longer than `keep`; no store
+        here."""
         return keep
 
-    def _evaluated(self, prompt: Prompt, end: int) -> None:
-        """Called after the prompt's positions up to `end` are in the cache."""
+    def _evaluated(self, sequence: SequenceState, prompt: Prompt, end: int) -> None:
+        """Called after the prompt's positions up to `end` are in the sequence's cache."""
 
     def _sync(self) -> None:
         """Wait for the device, before a time is taken."""

@@ -35,6 +35,15 @@ n_ctx and aborts on a larger one), and prompts go to llama_decode in batches of 
 No `llama_cpp.Llama`: it allocates n_batch x n_vocab floats for logits nobody reads here (~0.3 GB for
 R1V's 152k vocabulary) and evaluates through a slower Python path.
 
+Several sequences (`LoadOptions.parallel` N > 1, driven by `scheduler.Scheduler`): one context with
+n_seq_max = N and one KV stream per sequence (kv_unified off), each of n_ctx cells, so a sequence's window is
+the n_ctx asked for, as at N = 1 (the context holds N x n_ctx). A decode step of several sequences is one
+llama_decode of one token per sequence (`LlamaBatch.set_steps`, mixed sequence ids; logits row i for
+sequence i); prompt spans, text or image embeddings, go in their own llama_decode of one sequence (llama.cpp
+takes no batch that mixes tokens and embeddings). Prefix reuse and the prefix cache are per sequence (a state
+saved from any sequence restores into any other; a context of another stream count cannot read it, so the
+count is part of the cache key when above 1).
+
 The request loop (prefix reuse, image embeddings, timings, stop and overflow checks, scoring) is
 `base.BaseBackend`'s; this class is the llama.cpp engine under it (`vocab`: tokens and pieces).
 """
@@ -54,7 +63,7 @@ from ...options import LoadOptions, NoProjectorError, SamplingParams
 from ...image import TilingConfig, tile_image
 from .llama_batch import DecodeError, LlamaBatch, decode
 from .mtmd import MtmdContext, MtmdError, TextModel, rgb_array
-from ..base import BaseBackend
+from ..base import BaseBackend, SequenceState
 from ..prompt import ImageKey, ImageSlot, Prompt, RunStats, Span, image_digest  # noqa: F401 - RunStats: tests
 from .gguf_header import read_gguf_header
 from .prefix_cache import DEFAULT_MAX_BYTES, PrefixStore, default_cache_dir, file_identity
@@ -76,6 +85,8 @@ def _available_cpus() -> int:
 
 
 class LlamaCppBackend(BaseBackend):
+    multi_sequence = True
+
     def __init__(self, path: str | os.PathLike[str], mmproj: str | os.PathLike[str] | None, options: LoadOptions):
         super().__init__(path, mmproj, options)
         cpus = _available_cpus()
@@ -107,10 +118,11 @@ class LlamaCppBackend(BaseBackend):
         self.vocab = LlamaVocab(model)
         self.n_vocab = self.vocab.n_tokens
         params = _ll.llama_context_default_params()
-        params.n_ctx = options.n_ctx
+        params.n_ctx = options.n_ctx * self.max_sequences
         params.n_batch = options.n_batch
         params.n_ubatch = min(options.n_batch, 512)
-        params.n_seq_max = 1
+        params.n_seq_max = self.max_sequences
+        params.kv_unified = False  # one KV stream per sequence: n_ctx cells each
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads_batch
         params.no_perf = True
@@ -125,7 +137,7 @@ class LlamaCppBackend(BaseBackend):
         self._memory = _ll.llama_get_memory(ctx)
         # llama.cpp pads the KV cache (64 asked -> 256 cells) but caps its batch at the n_ctx asked for, and
         # aborts on a larger batch: the window is what was asked, the batch what llama.cpp took.
-        self.n_ctx = min(options.n_ctx, int(_ll.llama_n_ctx(ctx)))
+        self.n_ctx = min(options.n_ctx, int(_ll.llama_n_ctx_seq(ctx)))
         self.n_batch = min(self.n_batch, int(_ll.llama_n_batch(ctx)))
         self.n_embd = int(_ll.llama_model_n_embd_inp(model))
         self._batch = LlamaBatch(self.n_batch)
@@ -181,25 +193,27 @@ class LlamaCppBackend(BaseBackend):
             "n_ubatch": int(_ll.llama_n_ubatch(self._ctx)),
             "flash_attn": options.flash_attn, "tiling": options.tiling,
         }
+        if self.max_sequences > 1:  # llama.cpp restores a state only into a context of as many KV streams
+            context["kv_streams"] = self.max_sequences
         self._prefix = PrefixState(self._ctx, PrefixStore(self._cache_dir(), max_bytes=max_bytes), context,
                                    {"model": self.path.name, "mmproj": self.mmproj_path.name})
 
     def _prefix_points(self, segments: list[list[int] | ImageSlot]) -> list[tuple[int, str]]:
         return self._prefix.points(segments) if self._prefix is not None else []
 
-    def _restore(self, prompt: Prompt, keep: int) -> int:
+    def _restore(self, sequence: SequenceState, prompt: Prompt, keep: int) -> int:
         if not prompt.prefix_points or self._prefix is None:
             return keep
-        restored = self._prefix.restore(prompt, keep)
+        restored = self._prefix.restore(sequence.seq_id, prompt, keep)
         if restored != keep:  # the cache now holds exactly this prefix (or nothing, when restoring failed)
-            self.sequence.positions[:] = prompt.items[:restored]
+            sequence.positions[:] = prompt.items[:restored]
         return restored
 
-    def _evaluated(self, prompt: Prompt, end: int) -> None:
+    def _evaluated(self, sequence: SequenceState, prompt: Prompt, end: int) -> None:
         """Save the state at the end of the prompt's last image: a batch boundary in every evaluation."""
         points = prompt.prefix_points
-        if self._prefix is not None and points and end == points[-1][0] and len(self.sequence.positions) == end:
-            self._prefix.save(prompt, *points[-1])
+        if self._prefix is not None and points and end == points[-1][0] and len(sequence.positions) == end:
+            self._prefix.save(sequence.seq_id, prompt, *points[-1])
 
     def wait_for_writes(self) -> None:
         """Block until prefix cache entries being written in the background are on disk."""
@@ -292,43 +306,56 @@ class LlamaCppBackend(BaseBackend):
     def _is_end(self, token: int) -> bool:
         return self.vocab.is_end(token)
 
-    def _evaluate_span(self, prompt: Prompt, span: Span, embeddings: dict[int, np.ndarray]) -> int | None:
+    def _evaluate_span(self, sequence: SequenceState, prompt: Prompt, span: Span,
+                       embeddings: dict[int, np.ndarray]) -> int | None:
         """llama_decode one batch (a span never crosses segments here); logits: batch row -1."""
         (i, begin, end), = span.parts
         segment = prompt.segments[i]
         if isinstance(segment, ImageSlot):
-            self._embd_batch.set_embeddings(embeddings[i][begin:end], span.start, span.logits)
-            self._decode(self._embd_batch, prompt.items[span.start:span.end])
+            self._embd_batch.set_embeddings(embeddings[i][begin:end], span.start, span.logits, sequence.seq_id)
+            self._decode(self._embd_batch, [(sequence, prompt.items[span.start:span.end])])
         else:
-            self._batch.set_tokens(segment[begin:end], span.start, span.logits)
-            self._decode(self._batch, segment[begin:end])
+            self._batch.set_tokens(segment[begin:end], span.start, span.logits, seq_id=sequence.seq_id)
+            self._decode(self._batch, [(sequence, segment[begin:end])])
         return -1 if span.logits else None
 
-    def _step(self, token: int) -> int:
-        self._batch.set_token(token, len(self.sequence.positions))
-        self._decode(self._batch, (token,))
+    def _step(self, sequence: SequenceState, token: int) -> int:
+        self._batch.set_token(token, len(sequence.positions), sequence.seq_id)
+        self._decode(self._batch, [(sequence, (token,))])
         return -1
 
-    def _score_tokens(self, tokens: list[int]) -> np.ndarray:
-        self._batch.set_tokens(tokens, len(self.sequence.positions), logits_all=True)
-        self._decode(self._batch, tokens)
+    def _step_batch(self, steps: list[tuple[SequenceState, int]]) -> list[int]:
+        """One llama_decode of one token per sequence; logits row i belongs to steps[i]."""
+        if len(steps) == 1:
+            return [self._step(*steps[0])]
+        self._batch.set_steps([t for _, t in steps], [len(s.positions) for s, _ in steps],
+                              [s.seq_id for s, _ in steps])
+        self._decode(self._batch, [(s, (t,)) for s, t in steps])
+        return list(range(len(steps)))
+
+    def _score_tokens(self, sequence: SequenceState, tokens: list[int]) -> np.ndarray:
+        self._batch.set_tokens(tokens, len(sequence.positions), logits_all=True, seq_id=sequence.seq_id)
+        self._decode(self._batch, [(sequence, tokens)])
         return np.stack([self._logits_row(j) for j in range(len(tokens))])
 
     def _logits_row(self, i: int) -> np.ndarray:
         pointer = _ll.llama_get_logits_ith(self._ctx, i)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
 
-    def _decode(self, batch: LlamaBatch, items: Sequence[Any]) -> None:
+    def _decode(self, batch: LlamaBatch, added: list[tuple[SequenceState, Sequence[Any]]]) -> None:
+        """llama_decode the batch; `added`: what each sequence in it gains."""
         try:
             decode(self._ctx, batch)
         except DecodeError:
-            self._truncate(len(self.sequence.positions))  # drop whatever part of the batch went in
+            for sequence, _ in added:  # drop whatever part of the batch went in
+                self._truncate(sequence, len(sequence.positions))
             raise
-        self.sequence.positions.extend(items)
+        for sequence, items in added:
+            sequence.positions.extend(items)
 
-    def _truncate_cache(self, keep: int) -> int:
-        if not _ll.llama_memory_seq_rm(self._memory, self.sequence.seq_id, keep, -1):  # cannot cut there: all
-            _ll.llama_memory_clear(self._memory, True)
+    def _truncate_cache(self, sequence: SequenceState, keep: int) -> int:
+        if not _ll.llama_memory_seq_rm(self._memory, sequence.seq_id, keep, -1):  # cannot cut there: all of it
+            _ll.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
             return 0
         return keep
 

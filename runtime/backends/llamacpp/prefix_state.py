@@ -18,7 +18,7 @@ __all__ = ["PrefixState"]
 
 
 class PrefixState:
-    """Sequence 0 of `ctx` against `store`. `context`: everything besides the prompt that the saved numbers
+    """The sequences of `ctx` against `store` (a state saved from one sequence restores into any). `context`: everything besides the prompt that the saved numbers
     depend on (model files, library version, batch sizes...); `meta`: names written beside each entry."""
 
     def __init__(self, ctx: Any, store: PrefixStore, context: Mapping[str, Any], meta: Mapping[str, Any]):
@@ -39,38 +39,39 @@ class PrefixState:
                 pos += len(segment)
         return points
 
-    def restore(self, prompt: Prompt, keep: int) -> int:
-        """Restore the longest saved prefix of `prompt` longer than `keep`: the positions the cache then holds
-        (`keep`, untouched, when none is saved; 0 when a saved one failed to load and the cache was emptied)."""
+    def restore(self, seq_id: int, prompt: Prompt, keep: int) -> int:
+        """Restore the longest saved prefix of `prompt` longer than `keep` into sequence `seq_id`: the positions
+        it then holds (`keep`, untouched, when none is saved; 0 when a saved one failed to load and the sequence
+        was emptied)."""
         for end, key in reversed(prompt.prefix_points):
             if end <= keep:
                 break
             payload = self.store.get(key)
             if payload is None:
                 continue
-            _ll.llama_memory_seq_rm(self._memory, 0, -1, -1)
+            _ll.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             if isinstance(payload, bytearray):  # saved by this process: no copy either way
                 data = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
             else:
                 data = ctypes.cast(ctypes.c_char_p(payload), ctypes.POINTER(ctypes.c_uint8))
-            read = _ll.llama_state_seq_set_data(self._ctx, data, len(payload), 0)
+            read = _ll.llama_state_seq_set_data(self._ctx, data, len(payload), seq_id)
             del data
-            if read == len(payload) and _ll.llama_memory_seq_pos_max(self._memory, 0) == end - 1:
+            if read == len(payload) and _ll.llama_memory_seq_pos_max(self._memory, seq_id) == end - 1:
                 return end
             warnings.warn(f"prefix cache: llama.cpp could not restore entry {key[:16]}... ({read} of "
                           f"{len(payload)} bytes read); it will be recomputed", PrefixCacheWarning, stacklevel=3)
             self.store.discard(key)
-            _ll.llama_memory_clear(self._memory, True)
+            _ll.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             keep = 0
         return keep
 
-    def save(self, prompt: Prompt, end: int, key: str) -> None:
-        """Keep the state of positions 0 .. end-1 (all the cache holds now) and write it to disk in the
-        background."""
-        size = int(_ll.llama_state_seq_get_size(self._ctx, 0))
+    def save(self, seq_id: int, prompt: Prompt, end: int, key: str) -> None:
+        """Keep the state of sequence `seq_id`'s positions 0 .. end-1 (all it holds now) and write it to disk in
+        the background."""
+        size = int(_ll.llama_state_seq_get_size(self._ctx, seq_id))
         payload = bytearray(size)
         view = (ctypes.c_uint8 * size).from_buffer(payload)
-        written = int(_ll.llama_state_seq_get_data(self._ctx, view, size, 0))
+        written = int(_ll.llama_state_seq_get_data(self._ctx, view, size, seq_id))
         del view
         if written <= 0:
             return
