@@ -8,8 +8,9 @@
 # 2. the CUDA tests (those that need llama.cpp are not run; those that need gguf skip without it),
 # 3. the kernel table at R1V-38B's linear shapes (python -m r1v.bench.kernels),
 # 4. a generated Qwen2-7B-width AWQ model (3584 / 18944, 28 / 4 heads, 6 layers, 32k vocabulary, 1024-wide
-#    4-layer ViT; `--method rtn` on the GPU) and `r1v bench generate` on it with an image prompt.
-# Everything lands in $OUT (or ./gpu-check-out): gpu-check.log, stages.tsv, kernels.json, bench.json,
+#    4-layer ViT; `--method rtn` on the GPU) and `r1v bench generate` on it with an image prompt,
+# 5. batched decode on that model: 1, 2, 4, 8 sequences per forward (r1v.bench.generate_awq.bench_batched_decode).
+# Everything lands in $OUT (or ./gpu-check-out): gpu-check.log, stages.tsv, kernels.json, bench.json, batched.json,
 # pytest.xml and summary.json, and the summary is printed at the end. A stage that fails or runs out of its time
 # is recorded and the next one runs. PYTHON picks the interpreter (default python3); R1V_GPU_CHECK_INSTALL=0
 # skips the pip install (the project already installed), R1V_GPU_CHECK_SHAPES (38b | 7b | cpu) the kernel table's
@@ -71,6 +72,7 @@ stage install 50 install
 # dequantize pass compiled, and the static decode step against the dynamic one.
 stage tests 110 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" \
     tests/test_awq_int4.py tests/test_awq_kernels.py tests/test_awq_backend.py tests/test_reference_model.py \
+    tests/test_awq_batching.py \
     -k "cuda or triton_kernel_option or bench_generate_runs_on_cpu or dequantize_pass or static_decode"
 
 stage kernels 60 "$PY" -m r1v.bench.kernels --shapes "${R1V_GPU_CHECK_SHAPES:-38b}" --device "$DEVICE" \
@@ -84,6 +86,14 @@ Image.fromarray(pattern_pixels(448, 448)).save('$WORK/image.png')
 print(make_bench_model('$WORK/awq-$MODEL', '$MODEL', device='$DEVICE'))"
 
 stage bench 110 bench
+
+# Decode with 1, 2, 4, 8 sequences per forward (one model copy, one CUDA graph per batch bucket and span).
+stage batched 60 "$PY" -c "
+import json, os
+from r1v.bench.generate_awq import bench_batched_decode
+results = bench_batched_decode('$WORK/awq-$MODEL', device='$DEVICE')
+open('$OUT_DIR/batched.json.tmp', 'w').write(json.dumps(results))
+os.replace('$OUT_DIR/batched.json.tmp', '$OUT_DIR/batched.json')"
 
 "$PY" -m r1v.bench.gpu_check "$OUT_DIR" 2>>"$LOG" | tee -a "$LOG"
 echo "gpu-check: results in $OUT_DIR"

@@ -192,3 +192,204 @@ def test_bucket_choice_and_errors() -> None:
     assert decoder.rows[0].length == 0  # nothing advanced
     with pytest.raises(IndexError, match="KV cache row 3 of 3"):
         KVCache.row(decoder.cache, 3)
+
+
+# --- the AWQ backend: sequences in the rows of one cache, driven through the engine hooks ------------------------
+pytest.importorskip("gguf", reason="r1v convert awq needs gguf (a GPU image without it: pip install gguf)")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from r1v.runtime.api import Model, load  # noqa: E402
+from r1v.runtime.backends.base import SequenceState, common_prefix  # noqa: E402
+from r1v.runtime.backends.prompt import spans  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPTIONS = dict(n_ctx=1024, n_batch=48, device="cpu")
+QUESTIONS = ("How many red circles are in the image?", "Name three colours.", "What is in the picture?",
+             "Describe the shapes, then count them, then say which one is largest and why.")
+SIZES = (None, None, (224, 224), (448, 224))  # sequences 2 and 3 carry an image (1 and 3 tiles)
+BACKEND_STEPS = 12
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([np.sin(xx / 17.0), np.cos(yy / 11.0), np.sin((xx + yy) / 29.0)], -1) * 0.4 + 0.5
+    noise = np.random.default_rng(seed).normal(0, 0.08, base.shape)
+    return Image.fromarray((np.clip(base + noise, 0, 1) * 255).astype(np.uint8))
+
+
+def _prompts(model: Model) -> list:
+    backend, out = model._backend, []
+    for i, (question, size) in enumerate(zip(QUESTIONS, SIZES)):
+        images = [_image(*size, seed=i)] if size else []
+        rendered = model.render(question, images)
+        out.append(backend.prepare(rendered.fragments, rendered.images))
+    return out
+
+
+def _prefill(backend, sequence: SequenceState, prompt, keep: int = 0):
+    """Evaluate the prompt after `keep` positions into the sequence, span by span (the engine hook the request loop
+    calls); the logits handle of its last position."""
+    embeddings = backend._image_embeddings(prompt, keep)
+    with torch.inference_mode():
+        for span in spans(prompt, keep, backend.n_batch, across_segments=backend.across_segments):
+            handle = backend._evaluate_span(sequence, prompt, span, embeddings)
+    return handle
+
+
+def _drive(model: Model, runs: list[tuple[SequenceState, object]], steps: int = BACKEND_STEPS):
+    """Evaluate each prompt into its sequence, then greedy-decode them together (one `_step_batch` per token; a
+    sequence leaves at an end token): per run, the tokens and each step's logits (numpy)."""
+    backend = model._backend
+    handles, tokens, rows = {}, {}, {}
+    with torch.inference_mode():
+        for i, (sequence, prompt) in enumerate(runs):
+            backend._truncate(sequence, 0)
+            handles[i] = _prefill(backend, sequence, prompt)
+            tokens[i], rows[i] = [], []
+        while handles:
+            steps_now = []
+            for i, handle in handles.items():
+                row = backend._logits_row(handle)
+                rows[i].append(row)
+                tokens[i].append(int(row.argmax()))
+                if len(tokens[i]) < steps and not backend._is_end(tokens[i][-1]):
+                    steps_now.append((i, runs[i][0], tokens[i][-1]))
+            handles = {}
+            if steps_now:
+                out = backend._step_batch([(sequence, token) for _, sequence, token in steps_now])
+                handles = {i: h for (i, _, _), h in zip(steps_now, out)}
+    return [tokens[i] for i in range(len(runs))], [np.stack(rows[i]) for i in range(len(runs))]
+
+
+@pytest.fixture(scope="module", params=["torch", "int4"])
+def kernel(request) -> str:
+    if request.param == "int4" and not int4.available("cpu"):
+        pytest.skip("this torch build has no int4 CPU kernel")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def awq_dir(tiny_awq: Callable) -> object:
+    return tiny_awq("fp16")
+
+
+@pytest.fixture(scope="module")
+def alone(awq_dir, kernel):
+    """Each prompt decoded alone at parallel=1 (the single-sequence path)."""
+    with load(awq_dir, **OPTIONS, kernel=kernel) as m:
+        assert m._backend.cache.rows == 1 and m._backend.decoder.buckets == [1]
+        prompts = _prompts(m)
+        return [tuple(part[0] for part in _drive(m, [(m._backend.sequence, p)])) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def parallel(awq_dir, kernel):
+    with load(awq_dir, **OPTIONS, kernel=kernel, parallel=4) as m:
+        yield m
+
+
+# Batched vs alone on the tiny AWQ model (measured here: torch path <= 2e-6, int4 kernel <= 2e-6 on logits ~1-10).
+BACKEND_TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("which", [[0], [2], [0, 3], [0, 1, 2, 3], [3]], ids=["1-text", "1-image", "2", "4", "row-3"])
+def test_backend_batched_decode_matches_each_prompt_alone(parallel, alone, kernel, which) -> None:
+    """`_step_batch` over 1, 2 and 4 sequences (text and image prompts of different lengths; row 3 alone runs the
+    bucket of 4 with three padding rows): the same greedy tokens as each prompt alone at parallel=1, logits within
+    the tolerance."""
+    backend = parallel._backend
+    prompts = _prompts(parallel)
+    tokens, rows = _drive(parallel, [(backend.sequences[i], prompts[i]) for i in which])
+    worst = 0.0
+    for i, got_tokens, got_rows in zip(which, tokens, rows):
+        want_tokens, want_rows = alone[i]
+        assert got_tokens == want_tokens, f"sequence {i} in batch {which}"
+        worst = max(worst, float(np.abs(got_rows - want_rows).max()))
+    print(f"[{kernel}] sequences {which}: max |batched - alone| = {worst:.2e}")
+    assert worst <= BACKEND_TOLERANCE
+
+
+def test_backend_sequence_is_independent_of_its_row_and_mates(parallel, alone) -> None:
+    """The four prompts in reversed rows: each one's tokens unchanged."""
+    backend = parallel._backend
+    prompts = _prompts(parallel)
+    tokens, _ = _drive(parallel, [(backend.sequences[3 - i], prompts[i]) for i in range(4)])
+    assert tokens == [alone[i][0] for i in range(4)]
+
+
+def test_backend_truncates_one_sequence(parallel, alone) -> None:
+    """A sequence cut back to a prefix and continued with another prompt (multi-turn reuse of one sequence) while
+    the others keep their cached prompts: its tokens are the other prompt's alone, the others' cache rows intact
+    (decoded again from their kept prompts, via the common prefix, the same tokens)."""
+    backend = parallel._backend
+    prompts = _prompts(parallel)
+    _drive(parallel, [(backend.sequences[i], prompts[i]) for i in range(4)])
+    first = backend.sequences[1]
+    keep = common_prefix(first.positions, prompts[0].items)
+    assert 0 < keep < prompts[0].n_positions
+    backend._truncate(first, keep)
+    assert len(first.positions) == keep == backend.decoder.rows[1].length
+    handle = _prefill(backend, first, prompts[0], keep)
+    assert int(backend._logits_row(handle).argmax()) == alone[0][0][0]
+    for i in (0, 2, 3):  # untouched rows: their prompts' last position evaluated again over the kept prefix
+        sequence = backend.sequences[i]
+        backend._truncate(sequence, prompts[i].n_positions - 1)
+        handle = _prefill(backend, sequence, prompts[i], prompts[i].n_positions - 1)
+        assert np.abs(backend._logits_row(handle) - alone[i][1][0]).max() <= BACKEND_TOLERANCE
+
+
+def test_backend_describes_its_sequences(parallel) -> None:
+    backend = parallel._backend
+    info = backend.describe()
+    assert info["parallel"] == 4 and info["decode"]["batch_buckets"] == [1, 2, 4]
+    assert backend.cache.rows == 4 and backend.cache.capacity == 1024  # n_ctx per sequence
+    one_row = sum(k[:1].numel() * k.element_size() for k in backend.cache.keys)
+    assert info["bytes"]["kv_cache"] == 2 * 4 * one_row
+    with pytest.raises(ValueError, match=r"a decode step advances each sequence once; got sequences \[0, 0\]"):
+        backend._step_batch([(backend.sequences[0], 1), (backend.sequences[0], 2)])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+def test_cuda_graphs_per_bucket_match_each_prompt_alone(awq_dir) -> None:
+    """On a GPU: one graph per (bucket, span) captured at load; the batched greedy tokens equal each prompt alone
+    (parallel=1, its own graphs)."""
+    options = dict(n_ctx=1024, n_batch=48, device="cuda")
+    with load(awq_dir, **options) as m:
+        prompts = _prompts(m)
+        want = [_drive(m, [(m._backend.sequence, p)])[0][0] for p in prompts]
+    with load(awq_dir, **options, parallel=4) as m:
+        decode = m._backend.describe()["decode"]
+        assert decode["cuda_graphs"] and decode["batch_buckets"] == [1, 2, 4], decode
+        assert len(m._backend.decoder._graphs) == 3 * len(decode["spans"])
+        backend, prompts = m._backend, _prompts(m)
+        for which in ([0], [0, 3], [0, 1, 2, 3], [3]):
+            got, _ = _drive(m, [(backend.sequences[i], prompts[i]) for i in which])
+            assert got == [want[i] for i in which], which
+
+
+def test_bench_batched_decode_runs_and_the_gpu_check_summary_shows_it(awq_dir, tmp_path) -> None:
+    """`bench_batched_decode` on CPU (a few steps): one row per batch size with positive rates; gpu-check's
+    summary prints its table, and names batched.json missing only when the batched stage ran."""
+    import json
+
+    from r1v.bench import gpu_check
+    from r1v.bench.generate_awq import bench_batched_decode, format_batched
+
+    with pytest.raises(ValueError, match=r"bench_batched_decode: a \d+-token prompt and 3 steps do not fit n_ctx 256"):
+        bench_batched_decode(str(awq_dir), sizes=(1, 2), steps=2, warm_up=1, n_ctx=256, device="cpu")
+    results = bench_batched_decode(str(awq_dir), sizes=(1, 2, 4), steps=2, warm_up=1, n_ctx=1024, device="cpu",
+                                   kernel="torch")
+    assert [r["sequences"] for r in results["rows"]] == [1, 2, 4] and results["batch_buckets"] == [1, 2, 4]
+    assert all(r["tokens_per_second"] > 0 and r["step_ms"] > 0 for r in results["rows"])
+    assert results["rows"][0]["speedup"] == 1.0 and results["cuda_graphs"] is False
+    assert "batched decode:" in format_batched(results)
+    (tmp_path / "stages.tsv").write_text("install\t0\t3.5\nbatched\t1\t2.0\n")
+    gpu_check.main([str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "batched.json was not written" in summary["missing"]
+    (tmp_path / "batched.json").write_text(json.dumps(results))
+    summary, text = gpu_check.summarize(tmp_path)
+    assert summary["batched"]["rows"][2]["sequences"] == 4 and "batched.json was not written" not in summary["missing"]
+    assert "batched decode:" in text

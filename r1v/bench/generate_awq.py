@@ -12,6 +12,9 @@ times and medians are reported. Both decode exactly `max_tokens` tokens: the end
 On CPU the compute dtype is fp32, so the "fp16" side holds the fp16 values in fp32 (4 bytes per weight); on CUDA
 the AWQ side computes in bf16 with kernel "int4" (what torch's int4 kernel multiplies): the figures say which dtype
 ran.
+
+`bench_batched_decode`: the decode rate with M = 1, 2, 4, 8 sequences advanced per forward (one model copy,
+`parallel=8`; scripts/gpu-check.sh's "batched" stage).
 """
 from __future__ import annotations
 
@@ -193,6 +196,67 @@ def bench_generate_awq(model: str, *, image: str | None = None, prompt_repeats: 
             "fp16_decode_fraction_of_bound": ratio(dense.decode_tokens_per_second, bound(dense)),
         },
     }
+
+
+# --- batched decode: one forward advancing M sequences ---------------------------------------------------------
+BATCH_SIZES = (1, 2, 4, 8)
+
+
+def bench_batched_decode(model: str, *, sizes: tuple[int, ...] = BATCH_SIZES, steps: int = 32, warm_up: int = 3,
+                         prompt_repeats: int = 4, n_ctx: int = 1024, device: str | None = None,
+                         kernel: str = "auto") -> dict[str, Any]:
+    """Decode rate of the AWQ engine advancing M sequences per forward (`_step_batch`, what the scheduler calls
+    each token), for M in `sizes`: one model copy loaded with parallel = max(sizes), every sequence holding the
+    same text prompt; `warm_up` untimed steps, then `steps` timed ones per M. Aggregate tokens/s is M tokens per
+    step; `speedup` is against M = 1 (memory-bound decode: close to M while the weights dominate a step)."""
+    import torch
+
+    from r1v.runtime.api import LoadOptions, load
+    from r1v.runtime.backends.prompt import spans
+
+    options = LoadOptions(n_ctx=n_ctx, parallel=max(sizes), device=device, kernel=kernel)
+    rows = []
+    with load(model, options) as loaded, torch.inference_mode():
+        backend = loaded._backend
+        prompt = backend.prepare(loaded.render(PROMPT_PARAGRAPH * prompt_repeats).fragments, [])
+        if prompt.n_positions + warm_up + steps > n_ctx:
+            raise ValueError(f"bench_batched_decode: a {prompt.n_positions}-token prompt and {warm_up + steps} steps "
+                             f"do not fit n_ctx {n_ctx}")
+        token = prompt.items[-1]  # any token will do: the rate does not depend on it
+        for sequence in backend.sequences:
+            backend._truncate(sequence, 0)
+            for span in spans(prompt, 0, backend.n_batch, across_segments=backend.across_segments):
+                backend._evaluate_span(sequence, prompt, span, {})
+        for m in sizes:
+            batch = [(sequence, token) for sequence in backend.sequences[:m]]
+            for sequence, _ in batch:
+                backend._truncate(sequence, prompt.n_positions)
+            for _ in range(warm_up):
+                backend._step_batch(batch)
+            backend._sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                backend._step_batch(batch)
+            backend._sync()
+            seconds = time.perf_counter() - start
+            rows.append({"sequences": m, "step_ms": round(1e3 * seconds / steps, 3),
+                         "tokens_per_second": round(m * steps / seconds, 2)})
+        info = backend.describe()
+    for row in rows:
+        row["speedup"] = ratio(row["tokens_per_second"], rows[0]["tokens_per_second"])
+    return {"model": str(model), "device": info["device"], "kernel": info["kernel"], "dtype": info["dtype"],
+            "cuda_graphs": info["decode"]["cuda_graphs"], "batch_buckets": info["decode"]["batch_buckets"],
+            "prompt_tokens": prompt.n_positions, "steps": steps, "rows": rows}
+
+
+def format_batched(results: dict[str, Any]) -> str:
+    lines = [f"batched decode: {results['model']} on {results['device']} ({results['kernel']}, {results['dtype']}, "
+             f"CUDA graphs {results['cuda_graphs']}, buckets {results['batch_buckets']}; "
+             f"{results['prompt_tokens']}-token prompts, {results['steps']} steps)",
+             f"{'sequences':>10}{'step ms':>10}{'tok/s':>12}{'vs 1':>8}"]
+    lines += [f"{r['sequences']:>10}{r['step_ms']:>10.2f}{r['tokens_per_second']:>12.1f}{r['speedup']:>8.2f}"
+              for r in results["rows"]]
+    return "\n".join(lines)
 
 
 # Generated models for the benchmark (`make_bench_model`): "7b" is Qwen2-7B's width (3584 / 18944, 28 / 4 heads,

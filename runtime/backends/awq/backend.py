@@ -7,12 +7,15 @@ The same `base.Backend` surface as the llama.cpp backend, so `r1v.load(awq_dir)`
   Kernels (`kernel=` option): "auto" is torch's own int4 kernels where the torch build has them ("int4": CPU,
   NVIDIA GPUs of sm80+; weights repacked at load, see `int4`), else Triton on CUDA, else the pure-torch dequantize
   path; "triton", "torch", or "dense" for the model dequantized once to plain fp linears.
-- KV cache: static, preallocated for `n_ctx` positions at load (`model.KVCache`). The backend remembers what
-  sits at each position (token ids; image embeddings as (image key, index)); a new prompt keeps the longest
-  common prefix and evaluates the rest, as the llama.cpp backend does.
-- Decode: one token at a time with fixed shapes (`model.decode.StaticDecoder`), on a GPU as CUDA graphs
-  captured at load together with a warm-up of the prompt and vision kernels, so neither the first request nor a
-  new sequence length meets first-time costs (R1V_CUDA_GRAPHS=0: eager steps).
+- KV cache: static, preallocated for `n_ctx` positions at load (`model.KVCache`), one row per sequence
+  (`parallel` of them, sequence i in row i). The backend remembers what sits at each position (token ids; image
+  embeddings as (image key, index)); a new prompt keeps the longest common prefix and evaluates the rest, as the
+  llama.cpp backend does.
+- Decode: one token per sequence with fixed shapes (`model.decode.StaticDecoder`); with several sequences one
+  forward advances all of them (`_step_batch`: every linear at M = rows, the weights read once), in batch-size
+  buckets 1, 2, 4, ... up to `parallel`. On a GPU as CUDA graphs (one per bucket and attention span) captured at
+  load together with a warm-up of the prompt and vision kernels, so neither the first request nor a new sequence
+  length meets first-time costs (R1V_CUDA_GRAPHS=0: eager steps).
 - Prefill: chunks of at most `n_batch` positions, text and image positions alike (so a 12-tile image, 3,328
   positions, needs the activations of one chunk, not of the whole prompt); logits only for the last position.
   Images: InternVL tiling (`runtime.image`), the vision tower run `VISION_TILES` tiles at a time, embeddings kept
@@ -40,7 +43,7 @@ from ...options import LoadOptions, SamplingParams
 from ...image import TilingConfig, normalize, tile_image
 from ...model import KVCache, extract_feature
 from ...model.decode import StaticDecoder
-from ..base import BaseBackend
+from ..base import BaseBackend, SequenceState
 from ..prompt import ImageSlot, Prompt, Span
 from . import int4, kernels
 from .loader import KERNELS, LoadedAWQ, load_awq, weight_bytes
@@ -77,6 +80,7 @@ def choose_kernel(kernel: str | None, device: torch.device) -> str:
 
 class AWQBackend(BaseBackend):
     across_segments = True  # prefill chunks of n_batch positions, text and image positions alike
+    multi_sequence = True  # one KV cache row per sequence; `_step_batch` steps them in one forward
 
     def __init__(self, path: str | os.PathLike[str], options: LoadOptions):
         super().__init__(path, None, options)  # no mmproj: the vision tower is inside the checkpoint
@@ -104,15 +108,16 @@ class AWQBackend(BaseBackend):
             raise ValueError(f"n_ctx {options.n_ctx} exceeds the model's max_position_embeddings "
                              f"{cfg.llm.max_position_embeddings}")
         self.config = cfg
-        self.loaded: LoadedAWQ = load_awq(
+        self.loaded: LoadedAWQ = load_awq(  # the placement plans for the KV cache of every sequence
             self.path, device=device, kernel=self.kernel, placement=options.placement,
-            device_memory=options.device_memory, n_ctx=options.n_ctx)
+            device_memory=options.device_memory, n_ctx=options.n_ctx * self.max_sequences)
         self.model = self.loaded.model
         self.device, self.dtype = self.loaded.device, self.loaded.dtype
         self.n_ctx = options.n_ctx
         self.n_batch = options.n_batch
         self.n_vocab = cfg.llm.vocab_size
-        self.cache: KVCache | None = KVCache.allocate(cfg.llm, self.n_ctx, 1, dtype=self.dtype, device=self.device)
+        self.cache: KVCache | None = KVCache.allocate(cfg.llm, self.n_ctx, self.max_sequences, dtype=self.dtype,
+                                                      device=self.device)
         max_tiles = options.max_tiles or cfg.max_dynamic_patch
         self.tiling = TilingConfig(image_size=cfg.image_size, min_tiles=min(cfg.min_dynamic_patch, max_tiles),
                                    max_tiles=max_tiles, use_thumbnail=cfg.use_thumbnail)
@@ -140,7 +145,8 @@ class AWQBackend(BaseBackend):
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "kernel": self.kernel,
             "placement": self.loaded.placement.key, "placement_source": self.loaded.placement.source,
             "requested_placement": self.loaded.requested.key, "group_size": self.loaded.group_size,
-            "n_ctx": self.n_ctx, "n_batch": self.n_batch, "decode": self.decoder.describe(),
+            "n_ctx": self.n_ctx, "n_batch": self.n_batch, "parallel": self.max_sequences,
+            "decode": self.decoder.describe(),
             "int4_fallbacks": self.loaded.fallbacks, "fallback_kernel": self.loaded.fallback_kernel,
             "bytes": {"llm_layers": weight_bytes(llm.model.layers), "embeddings": weight_bytes(llm.model.embed_tokens),
                       "lm_head": weight_bytes(llm.lm_head), "vision": weight_bytes(m.vision_model),
@@ -195,31 +201,42 @@ class AWQBackend(BaseBackend):
         return table(index).to(self.device, self.dtype, non_blocking=True)
 
     @torch.inference_mode()
-    def _forward(self, embeds: torch.Tensor, items: Sequence[Any], logits: bool | str) -> torch.Tensor | None:
-        """Run [T, hidden] embeddings at the cache's end; the logits [vocab] of the last one when `logits`, of
-        every one ([T, vocab]) when it is "all"."""
+    def _forward(self, sequence: SequenceState, embeds: torch.Tensor, items: Sequence[Any],
+                 logits: bool | str) -> torch.Tensor | None:
+        """Run [T, hidden] embeddings at the end of the sequence's cache row; the logits [vocab] of the last one
+        when `logits`, of every one ([T, vocab]) when it is "all"."""
         llm = self.model.language_model
-        hidden = llm.model(embeds[None], self.cache)
-        self.sequence.positions.extend(items)
+        hidden = llm.model(embeds[None], self.decoder.rows[sequence.seq_id])
+        sequence.positions.extend(items)
         if not logits:
             return None
         return llm.lm_head(hidden[0] if logits == "all" else hidden[0, -1]).float()
 
-    def _evaluate_span(self, prompt: Prompt, span: Span, embeddings: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    def _evaluate_span(self, sequence: SequenceState, prompt: Prompt, span: Span,
+                       embeddings: dict[int, torch.Tensor]) -> torch.Tensor | None:
         """One chunk of the prompt (it may span text and images) in one forward."""
         parts = [embeddings[i][a:b] if isinstance(prompt.segments[i], ImageSlot)
                  else self._embed_tokens(prompt.segments[i][a:b]) for i, a, b in span.parts]
         embeds = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self._forward(embeds, prompt.items[span.start:span.end], span.logits)
+        return self._forward(sequence, embeds, prompt.items[span.start:span.end], span.logits)
 
-    def _step(self, token: int) -> torch.Tensor:
+    def _step(self, sequence: SequenceState, token: int) -> torch.Tensor:
         """One decode step: fixed shapes (a replayed CUDA graph on the GPU), see `model.decode`."""
-        logits = self.decoder.step(self._embed_tokens((token,)))
-        self.sequence.positions.append(token)
-        return logits
+        return self._step_batch([(sequence, token)])[0]
 
-    def _score_tokens(self, tokens: list[int]) -> np.ndarray:
-        return self._forward(self._embed_tokens(tokens), tokens, "all").cpu().numpy()
+    def _step_batch(self, steps: list[tuple[SequenceState, int]]) -> list[torch.Tensor]:
+        """One forward advancing every listed sequence (its cache row) by its token."""
+        rows = [sequence.seq_id for sequence, _ in steps]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"a decode step advances each sequence once; got sequences {rows}")
+        embeds = self._embed_tokens([token for _, token in steps])
+        logits = self.decoder.step_rows(dict(zip(rows, embeds)))
+        for sequence, token in steps:
+            sequence.positions.append(token)
+        return [logits[row] for row in rows]
+
+    def _score_tokens(self, sequence: SequenceState, tokens: list[int]) -> np.ndarray:
+        return self._forward(sequence, self._embed_tokens(tokens), tokens, "all").cpu().numpy()
 
     def _logits_row(self, logits: torch.Tensor) -> np.ndarray:
         return logits.float().cpu().numpy()
@@ -230,16 +247,17 @@ class AWQBackend(BaseBackend):
         handles; more rows than the int4 decode kernel takes), one vision tile, then the decode graphs."""
         llm, cfg = self.model.language_model, self.config
         rows = min(32, self.n_ctx)
-        hidden = llm.model(torch.zeros(1, rows, cfg.llm.hidden_size, dtype=self.dtype, device=self.device), self.cache)
+        hidden = llm.model(torch.zeros(1, rows, cfg.llm.hidden_size, dtype=self.dtype, device=self.device),
+                           self.decoder.rows[0])
         llm.lm_head(hidden[0, -1])
-        self._truncate(0)
+        self._truncate(self.sequence, 0)
         pixels = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=self.dtype, device=self.device)
         extract_feature(self.model.vision_model, self.model.mlp1, pixels, cfg.downsample_ratio, cfg.ps_version)
         self.decoder.capture()
 
-    def _truncate_cache(self, keep: int) -> int:
-        """The static cache is simply overwritten later."""
-        self.cache.length = keep
+    def _truncate_cache(self, sequence: SequenceState, keep: int) -> int:
+        """The sequence's cache row is simply overwritten later."""
+        self.decoder.rows[sequence.seq_id].length = keep
         return keep
 
     def _sync(self) -> None:
