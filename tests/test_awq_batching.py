@@ -195,8 +195,6 @@ def test_bucket_choice_and_errors() -> None:
 
 
 # --- the AWQ backend: sequences in the rows of one cache, driven through the engine hooks ------------------------
-pytest.importorskip("gguf", reason="r1v convert awq needs gguf (a GPU image without it: pip install gguf)")
-
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -272,6 +270,8 @@ def kernel(request) -> str:
 
 @pytest.fixture(scope="module")
 def awq_dir(tiny_awq: Callable) -> object:
+    # The tiny AWQ checkpoint is made as `r1v convert awq` makes it, which records a llama.cpp imatrix (gguf names).
+    pytest.importorskip("gguf", reason="r1v convert awq needs gguf (a GPU image without it: pip install gguf)")
     return tiny_awq("fp16")
 
 
@@ -393,3 +393,26 @@ def test_bench_batched_decode_runs_and_the_gpu_check_summary_shows_it(awq_dir, t
     summary, text = gpu_check.summarize(tmp_path)
     assert summary["batched"]["rows"][2]["sequences"] == 4 and "batched.json was not written" not in summary["missing"]
     assert "batched decode:" in text
+
+
+# --- end to end: r1v.load(parallel=4), requests from threads (the scheduler) ---------------------------------------
+def test_concurrent_requests_through_load_equal_each_alone(awq_dir, kernel) -> None:
+    """`r1v.load(awq_dir, parallel=4)` and 1, 2 and 4 threads calling `generate` at once (an image prompt and text
+    prompts of different lengths; prefill in spans of 48 between the others' steps): each answer's greedy tokens
+    equal that request alone at parallel=1."""
+    from test_batching import _concurrently
+
+    requests = [(q, [_image(*size, seed=i)] if size else []) for i, (q, size) in enumerate(zip(QUESTIONS, SIZES))]
+    requests = [requests[3], requests[0], requests[2], requests[1]]  # the 3-tile image first: it is in every batch
+    params = dict(max_tokens=BACKEND_STEPS, temperature=0, repetition_penalty=1.0)
+    with load(awq_dir, **OPTIONS, kernel=kernel) as m:
+        alone = []
+        for question, images in requests:
+            m.reset()
+            alone.append(m.generate(question, images, **params).tokens)
+    with load(awq_dir, **OPTIONS, kernel=kernel, parallel=4) as m:
+        for k in (1, 2, 4):
+            m.reset()
+            results = _concurrently([lambda q=q, i=i: m.generate(q, i, **params) for q, i in requests[:k]])
+            assert [r.tokens for r in results] == alone[:k], k
+            assert results[0].images[0].tiles == 3
