@@ -2,14 +2,17 @@
 of the KV cache, against each sequence decoded alone.
 
 Model level (`model.decode.StaticDecoder.step_rows`): a small random Qwen2 with plain fp32 linears, AWQ linears on
-the exact torch path, and torch's int4 CPU kernel (bf16 products); sequences of different lengths (one crosses the
-256-position span boundary), batches of 1, 2 and 4 rows, a sparse set of rows (padding rows that hold other
-sequences' cached prefixes), swapped batch mates, per-row truncation. Backend level: `r1v.load(awq_dir,
-parallel=N)`, text and image prompts. CUDA-only checks (one graph per bucket and span) skip without CUDA.
+the exact torch path and on the Triton kernels (interpreted on CPU: the GEMV at M <= 8), and torch's int4 CPU
+kernel (bf16 products); sequences of different lengths (one crosses the 256-position span boundary), batches of 1,
+2 and 4 rows, a sparse set of rows (padding rows that hold other sequences' cached prefixes), swapped batch mates,
+per-row truncation. Backend level: the engine hooks of `r1v.load(awq_dir, parallel=4)` (text and image prompts),
+then requests from 1, 2 and 4 threads through the scheduler. CUDA-only checks (one graph per bucket and span) skip
+without CUDA.
 
 Tolerance: batched vs alone <= 1e-5 absolute on logits of magnitude ~1 (measured here, CPU: <= 1.6e-6 for fp32, the
-AWQ torch path and the int4 kernel alike; a bucket of one row is bitwise the sequence alone, a bucket of several
-runs each product as one GEMM instead of M GEMVs: another summation order). Greedy tokens identical.
+AWQ torch and Triton paths and the int4 kernel alike; a bucket of one row is bitwise the sequence alone, a bucket of
+several runs each product as one GEMM instead of M GEMVs: another summation order). Backend level: <= 2e-6
+measured, tolerance 1e-4. Greedy tokens identical everywhere.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from r1v.converters.config import Qwen2Config  # noqa: E402
-from r1v.runtime.backends.awq import int4  # noqa: E402
+from r1v.runtime.backends.awq import int4, kernels  # noqa: E402
 from r1v.runtime.backends.awq.qlinear import AWQLinear, Int4Linear  # noqa: E402
 from r1v.runtime.model import KVCache, Qwen2ForCausalLM  # noqa: E402
 from r1v.runtime.model.decode import StaticDecoder  # noqa: E402
@@ -30,7 +33,7 @@ CFG = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 CAPACITY = 600  # spans 256, 512, 600
 PROMPTS = (5, 17, 300, 40)  # prompt lengths of the four sequences; 300 decodes in span 512
 STEPS = 10
-TOLERANCE = {"fp32": 1e-5, "awq-torch": 1e-5, "int4": 1e-5}
+TOLERANCE = {"fp32": 1e-5, "awq-torch": 1e-5, "awq-triton": 1e-5, "int4": 1e-5}
 
 
 def _awq_linear(kernel: str) -> Callable[..., torch.nn.Module]:
@@ -51,6 +54,8 @@ def _model(kind: str) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
     if kind == "int4" and not int4.available("cpu"):
         pytest.skip("this torch build has no int4 CPU kernel")
+    if kind == "awq-triton" and not kernels.triton_usable_on("cpu"):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
     llm = Qwen2ForCausalLM(CFG) if kind == "fp32" else Qwen2ForCausalLM(CFG, _awq_linear(kind.removeprefix("awq-")))
     with torch.no_grad():  # small weights: logits of magnitude ~1, no near-ties from huge values
         llm.model.embed_tokens.weight.normal_(0, 1)
@@ -76,7 +81,7 @@ def _alone(llm: Qwen2ForCausalLM, ids: torch.Tensor, steps: int) -> tuple[list[i
     return tokens, rows
 
 
-@pytest.fixture(scope="module", params=["fp32", "awq-torch", "int4"])
+@pytest.fixture(scope="module", params=["fp32", "awq-torch", "awq-triton", "int4"])
 def setup(request):
     llm = _model(request.param)
     prompts = [_prompt(n, seed) for seed, n in enumerate(PROMPTS)]

@@ -13,7 +13,8 @@ The same `base.Backend` surface as the llama.cpp backend, so `r1v.load(awq_dir)`
   llama.cpp backend does.
 - Decode: one token per sequence with fixed shapes (`model.decode.StaticDecoder`); with several sequences one
   forward advances all of them (`_step_batch`: every linear at M = rows, the weights read once), in batch-size
-  buckets 1, 2, 4, ... up to `parallel`. On a GPU as CUDA graphs (one per bucket and attention span) captured at
+  buckets 1, 2, 4, ... up to `parallel` (up to 8 rows every bucket runs the decode kernels: Triton's GEMV,
+  `kernels.GEMV_MAX_M`; tinygemm up to `int4.CUDA_MAX_M`, 16). On a GPU as CUDA graphs (one per bucket and attention span) captured at
   load together with a warm-up of the prompt and vision kernels, so neither the first request nor a new sequence
   length meets first-time costs (R1V_CUDA_GRAPHS=0: eager steps).
 - Prefill: chunks of at most `n_batch` positions, text and image positions alike (so a 12-tile image, 3,328
