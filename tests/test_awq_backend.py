@@ -61,14 +61,9 @@ def _image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def awq_dirs(tiny_awq: Callable[[str], Path]) -> dict[str, Path]:
-    """The same model with the vision tower fp16 and stored int4 (stored int8: tests/test_awq_export.py)."""
-    return {vision: tiny_awq(vision) for vision in ("fp16", "int4")}
-
-
-@pytest.fixture(scope="module")
-def awq_dir(awq_dirs) -> Path:
-    return awq_dirs["fp16"]
+def awq_dir(tiny_awq: Callable[[str], Path]) -> Path:
+    """The model with the vision tower fp16 (tiny_awq("int4"): stored int4; stored int8: tests/test_awq_export.py)."""
+    return tiny_awq("fp16")
 
 
 def reference_model(outdir: Path) -> R1VModel:
@@ -99,12 +94,12 @@ def reference_model(outdir: Path) -> R1VModel:
 
 
 @pytest.fixture(scope="module")
-def references(awq_dirs):
+def references(tiny_awq: Callable[[str], Path]):
     cache: dict[str, R1VModel] = {}
 
     def get(vision: str) -> R1VModel:
         if vision not in cache:
-            cache[vision] = reference_model(awq_dirs[vision])
+            cache[vision] = reference_model(tiny_awq(vision))
         return cache[vision]
 
     return get
@@ -183,12 +178,12 @@ def test_greedy_image_prompts_equal_the_reference(model, references, awq_dir, si
 
 
 @pytest.mark.parametrize("vision", ["int4"])
-def test_stored_int8_and_int4_vision_towers_equal_the_reference(awq_dirs, references, vision):
+def test_stored_int8_and_int4_vision_towers_equal_the_reference(tiny_awq, references, vision):
     from r1v.runtime.backends.awq import AWQLinear, Int8Linear
 
     image = _image(448, 224, seed=5)
-    n_prompt, expected = _reference_greedy(references(vision), awq_dirs[vision], QUESTION, [image])
-    with load(awq_dirs[vision], **OPTIONS) as m:
+    n_prompt, expected = _reference_greedy(references(vision), tiny_awq(vision), QUESTION, [image])
+    with load(tiny_awq(vision), **OPTIONS) as m:
         assert m._backend.placement == f"awq[vision={vision},embed=gpu]"
         qkv = m._backend.model.vision_model.encoder.layers[0].attn.qkv
         assert isinstance(qkv, AWQLinear if vision == "int4" else Int8Linear)
