@@ -208,7 +208,7 @@ class Model:
                                               entry.chat_template if entry is not None else None)
         # The registry entry's sampling (models.yaml `generation`), else SamplingParams' own defaults.
         self.sampling = (entry.generation if entry is not None else SamplingParams()).replace(seed=options.seed)
-        self._active: dict[int, _Active] = {}  # by thread (parallel > 1), else one under key 0
+        self._active: dict[Any, _Active] = {}  # by thread (parallel > 1: the Thread, ids are reused), else under 0
         self._scheduler: Scheduler | None = None
         if getattr(backend, "max_sequences", 1) > 1:
             from .backends.scheduler import Scheduler
@@ -295,10 +295,10 @@ class Model:
         assert result is not None
         return result
 
-    def _cancel(self) -> int:
+    def _cancel(self) -> Any:
         """End the unfinished stream of this thread (of the model, at parallel=1), if any: the KV cache keeps
         what it evaluated; its consumer gets a RuntimeError at the next chunk. Returns the stream key."""
-        key = threading.get_ident() if self._scheduler is not None else 0
+        key = threading.current_thread() if self._scheduler is not None else 0
         active = self._active.pop(key, None)
         if active is not None:
             active.cancelled = True
@@ -312,7 +312,7 @@ class Model:
         return self._scheduler.call(fn, *args, exclusive=True)
 
     def _chunks(self, active: _Active, rendered: RenderedPrompt, params: SamplingParams,
-                key: int) -> Iterator[StreamChunk]:
+                key: Any) -> Iterator[StreamChunk]:
         run = active.run
         in_reasoning = rendered.starts_in_reasoning
         text = _TextAssembler(params.stop, in_reasoning)

@@ -1,8 +1,9 @@
 """`r1v serve MODEL`: an OpenAI-compatible server (`/v1/chat/completions`, `/v1/models`, `/health`).
 
-Flags are `r1v.load`'s (LoadOptions) and `ServerConfig`'s. Each of --max-concurrency slots loads the model once
-(GGUF weights are memory-mapped, so the copies share them; each has its own context). The port is bound before the
-model loads, so a busy one is reported at once. Needs the `server` extra (FastAPI, uvicorn).
+Flags are `r1v.load`'s (LoadOptions) and `ServerConfig`'s. The model is loaded once; --max-concurrency N > 1 loads
+it with N sequences (`LoadOptions.parallel`: continuous batching, one forward per token for every running request,
+each with the whole --ctx-size window). The port is bound before the model loads, so a busy one is reported at
+once. Needs the `server` extra (FastAPI, uvicorn).
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $R1V_API_KEY, else none)")
     server.add_argument("--max-concurrency", "-np", "--parallel", "--max-num-seqs", dest="max_concurrency", type=int,
                         default=1, metavar="N",
-                        help="generation slots (llama-server's -np, vLLM's --max-num-seqs): requests generated at the same time; each loads the model once (GGUF "
-                             "weights are memory-mapped and shared; an AWQ model is loaded on the GPU once per slot)")
+                        help="generation slots (llama-server's -np, vLLM's --max-num-seqs): requests generated at the "
+                             "same time, batched over one copy of the model (each slot has the whole context window: "
+                             "the KV cache holds N x --ctx-size positions)")
     server.add_argument("--queue", type=int, default=8, metavar="N",
                         help="requests that may wait for a slot; beyond them the answer is 429 (default %(default)s)")
     server.add_argument("--served-model-name", "--alias", "-a", dest="served_model_name", default=None, metavar="NAME",
@@ -81,15 +83,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"r1v serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}"
               f"{_BUSY_HINT if e.errno == errno.EADDRINUSE else ''}", file=sys.stderr)
         return 2
-    models = []
+    model = None
     try:
-        for _ in range(args.max_concurrency):
-            models.append(load(args.model, **load_options(args)))
-        print(f"r1v serve: {models[0]!r} as {config.model_name!r} on http://{args.host}:{args.port}/v1 "
+        model = load(args.model, **load_options(args), parallel=args.max_concurrency)
+        print(f"r1v serve: {model!r} as {config.model_name!r} on http://{args.host}:{args.port}/v1 "
               f"({args.max_concurrency} slot(s), queue {args.queue})", file=sys.stderr, flush=True)
-        serve(models, config, host=args.host, port=args.port, log_level=args.log_level, sock=sock)
+        serve([model] * args.max_concurrency, config, host=args.host, port=args.port, log_level=args.log_level,
+              sock=sock)  # each slot a thread streaming from the one model
     finally:
         sock.close()
-        for model in models:
+        if model is not None:
             model.close()
     return 0

@@ -7,9 +7,9 @@ A `Scheduler` drives a `BaseBackend` whose engine holds several sequences in one
 1. runs the calls handed to it (`call`: preparing a prompt between steps; `exclusive=True` waits until no
    request is running: `logprobs`, `reset`);
 2. admits waiting requests onto free sequences, first come first served - each takes the free sequence whose
-   cached positions share the longest prefix with its prompt (a follow-up turn finds its conversation), keeps
-   that prefix or restores a saved one (`BaseBackend._begin`), and encodes its images (the others wait for
-   that encoding);
+   cached positions share the longest prefix with its prompt, when that is at least half of it (a follow-up
+   turn finds its conversation), else the least recently used one (`_pick`); keeps that prefix or restores a
+   saved one (`BaseBackend._begin`), and encodes its images (the others wait for that encoding);
 3. evaluates the next prompt span of each request still in its prompt, at most `n_batch` prompt positions in
    all per iteration (a long prompt is spread over iterations and does not stall the others); the span that
    ends a prompt gives its first token;
@@ -193,11 +193,18 @@ class Scheduler:
             if job.cancelled:
                 job.out.put(_END)
                 continue
-            items = job.request.prompt.items
-            sequence = max(self._free, key=lambda s: common_prefix(s.positions, items))  # ties: least recent
+            sequence = self._pick(job.request.prompt.items)
             self._free.remove(sequence)
             out.append((job, sequence))
         return out
+
+    def _pick(self, items: list[Any]) -> SequenceState:
+        """The free sequence to put a prompt on: the one sharing the longest prefix with it when that covers at
+        least half the prompt (a follow-up finds its conversation), else the least recently used one (so a new
+        conversation that shares only the template's first tokens with a cached one does not evict it while
+        another sequence is unused). llama-server picks its slot alike (--slot-prompt-similarity 0.5)."""
+        best = max(self._free, key=lambda s: common_prefix(s.positions, items))  # ties: the least recent
+        return best if 2 * common_prefix(best.positions, items) >= len(items) else self._free[0]
 
     @staticmethod
     def _run_call(call: _Call) -> None:

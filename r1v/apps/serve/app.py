@@ -121,7 +121,8 @@ def image_layout(model: Any) -> ImageLayout | None:
 # --- the application ------------------------------------------------------------------------------------
 
 def create_app(models: Sequence[Any], config: ServerConfig = ServerConfig()) -> FastAPI:
-    """The application over loaded `models` (one generation slot each; they should be the same model)."""
+    """The application over loaded `models`, one generation slot each: copies of the same model, or one model
+    loaded with parallel=N given N times (its streams batched over one copy)."""
     pool = SlotPool(models, config.queue)
     started = int(time.time())
     layout = image_layout(models[0])

@@ -1,7 +1,9 @@
-"""Generation slots: each loaded `Model` runs one request at a time in its own worker thread.
+"""Generation slots: each slot runs one request at a time in its own worker thread.
 
-A `Model` is single-threaded and llama.cpp's decoding blocks, so the event loop never calls it: a `Job` iterates
-`Model.stream` in a worker thread and hands the chunks to the loop through an asyncio queue. Admission is bounded
+A slot's model is a `Model` loaded with parallel=1 (one per slot), or one `Model` loaded with parallel=N given to
+all N slots (`r1v serve`: its scheduler batches the N streams over one copy of the weights). Decoding blocks, so
+the event loop never calls a model: a `Job` iterates `Model.stream` in a worker thread and hands the chunks to the
+loop through an asyncio queue. Admission is bounded
 (`slots` running + `queue` waiting); a request beyond that is refused at once with 429 rather than piling up.
 Cancelling a job (the client went away) stops it at the next token: the thread closes the stream, which ends the
 llama.cpp run, and the slot goes back to the pool.
