@@ -159,6 +159,25 @@ def test_a_sequence_does_not_depend_on_its_batch_mates(setup) -> None:
 
 
 @torch.inference_mode()
+def test_swapped_rows_carry_their_sequences(setup) -> None:
+    """`swap_rows` exchanges two rows' sequences (keys, values, lengths): each keeps decoding as alone from its new
+    row; the others are untouched."""
+    kind, llm, prompts, alone = setup
+    batch = Batch(llm, prompts)
+    for _ in range(2):
+        batch.step([0, 1, 2, 3])
+    batch.decoder.swap_rows(0, 2)
+    assert [r.length for r in batch.decoder.rows] == [PROMPTS[2] + 2, PROMPTS[1] + 2, PROMPTS[0] + 2, PROMPTS[3] + 2]
+    batch.logits[0], batch.logits[2] = batch.logits[2], batch.logits[0]
+    batch.tokens[0], batch.tokens[2] = batch.tokens[2], batch.tokens[0]
+    for n in range(2, 5):
+        out = batch.step([0, 1, 2, 3])
+        for row, seq in enumerate((2, 1, 0, 3)):
+            assert _diff(out[row], alone[seq][1][n + 1]) <= TOLERANCE[kind], (row, seq, n)
+    assert [batch.tokens[r] for r in range(4)] == [alone[s][0][:5] for s in (2, 1, 0, 3)]
+
+
+@torch.inference_mode()
 def test_truncate_one_row_leaves_the_others(setup) -> None:
     """Cutting one row back (its length) and re-evaluating from there gives that sequence's logits again; the other
     rows, stepped meanwhile, keep matching their sequences alone."""
@@ -314,6 +333,11 @@ def test_backend_batched_decode_matches_each_prompt_alone(parallel, alone, kerne
         worst = max(worst, float(np.abs(got_rows - want_rows).max()))
     print(f"[{kernel}] sequences {which}: max |batched - alone| = {worst:.2e}")
     assert worst <= BACKEND_TOLERANCE
+    # The stepped sequences sit in the first rows (moved there when they were not): one alone is bucket 1, the
+    # single-sequence step exactly.
+    assert sorted(backend._row[i] for i in which) == list(range(len(which)))
+    if len(which) == 1:
+        assert worst == 0.0
 
 
 def test_backend_sequence_is_independent_of_its_row_and_mates(parallel, alone) -> None:
@@ -335,7 +359,7 @@ def test_backend_truncates_one_sequence(parallel, alone) -> None:
     keep = common_prefix(first.positions, prompts[0].items)
     assert 0 < keep < prompts[0].n_positions
     backend._truncate(first, keep)
-    assert len(first.positions) == keep == backend.decoder.rows[1].length
+    assert len(first.positions) == keep == backend.decoder.rows[backend._row[1]].length
     handle = _prefill(backend, first, prompts[0], keep)
     assert int(backend._logits_row(handle).argmax()) == alone[0][0][0]
     for i in (0, 2, 3):  # untouched rows: their prompts' last position evaluated again over the kept prefix

@@ -125,6 +125,15 @@ class StaticDecoder:
         return {b: logits[b] for b in embeds}
 
     @torch.inference_mode()
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange the sequences of cache rows a and b (their keys, values and lengths): a copy of the positions
+        they hold, so that the sequences a step advances can sit in its first rows."""
+        n = max(self.rows[a].length, self.rows[b].length)
+        for tensor in (*self.cache.keys, *self.cache.values):
+            tensor[[a, b], :, :n] = tensor[[b, a], :, :n]
+        self.rows[a].length, self.rows[b].length = self.rows[b].length, self.rows[a].length
+
+    @torch.inference_mode()
     def capture(self) -> None:
         """Capture one graph per (bucket, span) (CUDA, graphs on; a no-op otherwise). Each is warmed up on a side
         stream first (kernel compilation, allocator). The warm-up and capture runs write K/V at the last cache

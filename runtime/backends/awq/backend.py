@@ -8,7 +8,9 @@ The same `base.Backend` surface as the llama.cpp backend, so `r1v.load(awq_dir)`
   NVIDIA GPUs of sm80+; weights repacked at load, see `int4`), else Triton on CUDA, else the pure-torch dequantize
   path; "triton", "torch", or "dense" for the model dequantized once to plain fp linears.
 - KV cache: static, preallocated for `n_ctx` positions at load (`model.KVCache`), one row per sequence
-  (`parallel` of them, sequence i in row i). The backend remembers what sits at each position (token ids; image
+  (`parallel` of them). A step runs the first rows of the cache (a bucket), so before a step the sequences it
+  advances are moved into the bucket's rows where they are not (`_rows_for`: two rows' positions swapped, only
+  when the set of decoding sequences changed): M is the number of sequences stepped, whichever they are. The backend remembers what sits at each position (token ids; image
   embeddings as (image key, index)); a new prompt keeps the longest common prefix and evaluates the rest, as the
   llama.cpp backend does.
 - Decode: one token per sequence with fixed shapes (`model.decode.StaticDecoder`); with several sequences one
@@ -126,6 +128,8 @@ class AWQBackend(BaseBackend):
         self._read_image_tags()
         graphs = os.environ.get("R1V_CUDA_GRAPHS", "1") not in ("0", "", "false", "no")
         self.decoder = StaticDecoder(self.model.language_model, self.cache, graphs=graphs)
+        self._row = list(range(self.max_sequences))  # the cache row of each sequence (by seq_id), and back
+        self._sequence_in = list(range(self.max_sequences))
         if self.device.type == "cuda":
             self._warm_up()
 
@@ -207,7 +211,7 @@ class AWQBackend(BaseBackend):
         """Run [T, hidden] embeddings at the end of the sequence's cache row; the logits [vocab] of the last one
         when `logits`, of every one ([T, vocab]) when it is "all"."""
         llm = self.model.language_model
-        hidden = llm.model(embeds[None], self.decoder.rows[sequence.seq_id])
+        hidden = llm.model(embeds[None], self.decoder.rows[self._row[sequence.seq_id]])
         sequence.positions.extend(items)
         if not logits:
             return None
@@ -227,14 +231,31 @@ class AWQBackend(BaseBackend):
 
     def _step_batch(self, steps: list[tuple[SequenceState, int]]) -> list[torch.Tensor]:
         """One forward advancing every listed sequence (its cache row) by its token."""
-        rows = [sequence.seq_id for sequence, _ in steps]
-        if len(set(rows)) != len(rows):
-            raise ValueError(f"a decode step advances each sequence once; got sequences {rows}")
+        ids = [sequence.seq_id for sequence, _ in steps]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a decode step advances each sequence once; got sequences {ids}")
+        rows = self._rows_for(ids)
         embeds = self._embed_tokens([token for _, token in steps])
         logits = self.decoder.step_rows(dict(zip(rows, embeds)))
         for sequence, token in steps:
             sequence.positions.append(token)
         return [logits[row] for row in rows]
+
+    def _rows_for(self, ids: list[int]) -> list[int]:
+        """The cache rows of the sequences a step advances, each moved into the step's bucket (the first
+        `bucket_for(len(ids))` rows) where it is not, by swapping it with a row of the bucket that does not step."""
+        rows = [self._row[i] for i in ids]
+        bucket = self.decoder.bucket_for(len(rows))
+        spare = (row for row in range(bucket) if row not in rows)
+        for k, row in enumerate(rows):
+            if row >= bucket:
+                target = next(spare)
+                self.decoder.swap_rows(row, target)
+                moved = self._sequence_in[target]
+                self._row[ids[k]], self._row[moved] = target, row
+                self._sequence_in[target], self._sequence_in[row] = ids[k], moved
+                rows[k] = target
+        return rows
 
     def _score_tokens(self, sequence: SequenceState, tokens: list[int]) -> np.ndarray:
         return self._forward(sequence, self._embed_tokens(tokens), tokens, "all").cpu().numpy()
@@ -258,7 +279,7 @@ class AWQBackend(BaseBackend):
 
     def _truncate_cache(self, sequence: SequenceState, keep: int) -> int:
         """The sequence's cache row is simply overwritten later."""
-        self.decoder.rows[sequence.seq_id].length = keep
+        self.decoder.rows[self._row[sequence.seq_id]].length = keep
         return keep
 
     def _sync(self) -> None:
