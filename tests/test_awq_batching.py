@@ -380,22 +380,53 @@ def test_backend_describes_its_sequences(parallel) -> None:
         backend._step_batch([(backend.sequences[0], 1), (backend.sequences[0], 2)])
 
 
+# On a GPU the default kernel is int4 in bf16: rows of one product against one row may round differently (not
+# measured: no GPU here when this was written), so tokens are compared up to the first near tie of the one alone;
+# the graphs against the same steps run eagerly must agree to rounding.
+CUDA_TOLERANCE = 0.02
+
+
+def _equal_until_a_near_tie(got: tuple[list[int], np.ndarray], want: tuple[list[int], np.ndarray],
+                            tolerance: float) -> int:
+    """Logits within `tolerance` and the same greedy tokens, step by step, up to the first step whose top-2 margin
+    in `want` is within 2 x tolerance (a token there may flip, and the sequences part); the steps compared."""
+    for n, row in enumerate(want[1]):
+        assert np.abs(got[1][n] - row).max() <= tolerance, n
+        second, first = np.sort(row)[-2:]
+        if first - second <= 2 * tolerance:
+            return n
+        assert got[0][n] == want[0][n], n
+    return len(want[0])
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
-def test_cuda_graphs_per_bucket_match_each_prompt_alone(awq_dir) -> None:
-    """On a GPU: one graph per (bucket, span) captured at load; the batched greedy tokens equal each prompt alone
-    (parallel=1, its own graphs)."""
+def test_cuda_graphs_per_bucket_match_eager_steps_and_each_prompt_alone(awq_dir) -> None:
+    """On a GPU: one graph per (bucket, span) captured at load; the batched steps replayed from the graphs of
+    buckets 1, 2 and 4 give the logits of the same steps run eagerly, and each prompt's logits and greedy tokens
+    alone (parallel=1, its own graphs) up to a near tie."""
     options = dict(n_ctx=1024, n_batch=48, device="cuda")
     with load(awq_dir, **options) as m:
-        prompts = _prompts(m)
-        want = [_drive(m, [(m._backend.sequence, p)])[0][0] for p in prompts]
+        assert m._backend.describe()["decode"]["cuda_graphs"]
+        want = [tuple(part[0] for part in _drive(m, [(m._backend.sequence, p)])) for p in _prompts(m)]
     with load(awq_dir, **options, parallel=4) as m:
-        decode = m._backend.describe()["decode"]
+        backend = m._backend
+        decode = backend.describe()["decode"]
         assert decode["cuda_graphs"] and decode["batch_buckets"] == [1, 2, 4], decode
-        assert len(m._backend.decoder._graphs) == 3 * len(decode["spans"])
-        backend, prompts = m._backend, _prompts(m)
+        assert sorted(backend.decoder._graphs) == [(b, s) for b in (1, 2, 4) for s in decode["spans"]]
+        prompts = _prompts(m)
         for which in ([0], [0, 3], [0, 1, 2, 3], [3]):
-            got, _ = _drive(m, [(backend.sequences[i], prompts[i]) for i in which])
-            assert got == [want[i] for i in which], which
+            runs = [(backend.sequences[i], prompts[i]) for i in which]
+            tokens, rows = _drive(m, runs)
+            graphs, backend.decoder._graphs = backend.decoder._graphs, {}
+            try:
+                eager = _drive(m, runs)
+            finally:
+                backend.decoder._graphs = graphs
+            for k in range(len(which)):
+                _equal_until_a_near_tie((tokens[k], rows[k]), (eager[0][k], eager[1][k]), 1e-3)
+            compared = [_equal_until_a_near_tie((tokens[k], rows[k]), want[i], CUDA_TOLERANCE)
+                        for k, i in enumerate(which)]
+            print(f"CUDA sequences {which}: steps compared with each alone {compared}")
 
 
 def test_bench_batched_decode_runs_and_the_gpu_check_summary_shows_it(awq_dir, tmp_path) -> None:
