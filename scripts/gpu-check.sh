@@ -88,7 +88,7 @@ print(make_bench_model('$WORK/awq-$MODEL', '$MODEL', device='$DEVICE'))"
 stage bench 110 bench
 
 # Decode with 1, 2, 4, 8 sequences per forward (one model copy, one CUDA graph per batch bucket and span).
-stage batched 60 "$PY" -c "
+stage batched 90 "$PY" -c "
 import json, os
 from r1v.bench.generate_awq import bench_batched_decode
 results = bench_batched_decode('$WORK/awq-$MODEL', device='$DEVICE')

@@ -12,7 +12,8 @@ Several sequences: a cache of several rows holds one sequence per row (`rows[b]`
 length). `step_rows` advances any set of rows in one forward, so each linear runs with M = rows and reads its
 weight once for all of them (decode is bound by reading the weights). The rows a step runs are always rows
 0..bucket-1 of the cache, bucket the smallest of 1, 2, 4, ... (up to the number of rows) above the highest row
-with a token: the attention reads each row's keys in place, no gather. A row of the bucket without a token this
+with a token: the attention reads each row's keys in place, no gather (`swap_rows` moves a sequence to another
+row: the backend keeps the sequences it steps in the first rows). A row of the bucket without a token this
 step (free, holding a cached prefix, or in prefill) is a padding row: zero input, written at its own next position
 (which its sequence overwrites before anything reads it) or, when full, at the last position (which no request
 reads back: a prompt always leaves room for one new token); its output is dropped. One graph per (bucket, span).
