@@ -69,7 +69,7 @@ stage install 50 install
 [ -d "$WORK/site" ] && export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
 
 # The CUDA tests, the tests that assumed a CPU before (bench on CPU, kernel="triton" on the GPU), the Triton
-# dequantize pass compiled, and the static decode step against the dynamic one.
+# dequantize pass compiled, the static decode step against the dynamic one, and the batched decode's graphs.
 stage tests 110 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" \
     tests/test_awq_int4.py tests/test_awq_kernels.py tests/test_awq_backend.py tests/test_reference_model.py \
     tests/test_awq_batching.py \
