@@ -331,3 +331,28 @@ def test_server_slots_share_one_batched_model(q8, png):
     assert [a.status_code for a in answers] == [200, 200]
     assert [a.json()["choices"][0]["message"]["content"] for a in answers] == alone
     assert health["slots"]["slots"] == 2 and health["slots"]["completed"] == 2
+
+
+def test_measuring_image_rates_leaves_running_streams_alone(q8, png, tmp_path):
+    """A request's image budget measures this machine's rates on first use: with several sequences in a context
+    of its own, not by emptying the one whose other streams are running."""
+    with load(q8, n_ctx=1024, **THREADS) as m:
+        m._backend._is_end = lambda token: False  # long enough to be running while the rates are measured
+        alone = m.generate(TEXTS[1], **GREEDY, max_tokens=600).tokens
+    with load(q8, n_ctx=1024, parallel=2, prefix_cache_dir=tmp_path, **THREADS) as m:
+        m._backend._is_end = lambda token: False
+        assert m._backend._rates is None
+        running: dict[str, Any] = {}
+
+        def first_token() -> None:
+            running["stream"] = m.stream(TEXTS[1], **GREEDY, max_tokens=600)
+            running["tokens"] = [next(running["stream"]).token_id]
+
+        t = threading.Thread(target=first_token)
+        t.start()
+        t.join()
+        budgeted = _concurrently([lambda: m.generate("How many?", [png], image_budget=60.0, **GREEDY,
+                                                     max_tokens=2)])[0]
+        rest = [c for c in running["stream"]]
+    assert m._backend._rates is not None and budgeted.estimated_prefill_seconds is not None
+    assert rest[-1].result.tokens == alone

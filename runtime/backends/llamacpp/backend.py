@@ -113,15 +113,14 @@ class LlamaCppBackend(BaseBackend):
             self.close()
             raise
 
-    def _open(self, options: LoadOptions) -> None:
-        model = self._text.model
-        self.vocab = LlamaVocab(model)
-        self.n_vocab = self.vocab.n_tokens
+    def _new_context(self, sequences: int) -> Any:
+        """A llama.cpp context of `sequences` sequences, each with the n_ctx window asked for."""
+        options = self.options
         params = _ll.llama_context_default_params()
-        params.n_ctx = options.n_ctx * self.max_sequences
+        params.n_ctx = options.n_ctx * sequences
         params.n_batch = options.n_batch
         params.n_ubatch = min(options.n_batch, 512)
-        params.n_seq_max = self.max_sequences
+        params.n_seq_max = sequences
         params.kv_unified = False  # one KV stream per sequence: n_ctx cells each
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads_batch
@@ -129,10 +128,17 @@ class LlamaCppBackend(BaseBackend):
         if options.flash_attn is not None:
             params.flash_attn_type = (_ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn
                                       else _ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        ctx = _ll.llama_init_from_model(model, params)
+        ctx = _ll.llama_init_from_model(self._text.model, params)
         if not ctx:
             raise RuntimeError(f"{self.path}: llama.cpp could not create a context of {options.n_ctx} tokens "
-                               "(too little memory? try a smaller n_ctx)")
+                               f"x {sequences} sequence(s) (too little memory? try a smaller n_ctx)")
+        return ctx
+
+    def _open(self, options: LoadOptions) -> None:
+        model = self._text.model
+        self.vocab = LlamaVocab(model)
+        self.n_vocab = self.vocab.n_tokens
+        ctx = self._new_context(self.max_sequences)
         self._ctx = ctx
         self._memory = _ll.llama_get_memory(ctx)
         # llama.cpp pads the KV cache (64 asked -> 256 cells) but caps its batch at the n_ctx asked for, and
@@ -227,16 +233,25 @@ class LlamaCppBackend(BaseBackend):
     def rates(self) -> Rates:
         """This machine's encode and prefill rates for this model: stored beside the prefix cache, measured
         (one tile encoded, its positions prefilled: a few seconds for R1V-size models is minutes) when absent.
-        Measuring empties the KV cache."""
+        Measuring empties the KV cache (of a model of one sequence)."""
         if self._rates is None:
             self._rates = stored_or_measured(RateStore(self._cache_dir() / RATES_FILE), self._rate_signature(),
                                              self._measure_rates)
         return self._rates
 
     def _measure_rates(self) -> Rates:
-        self.reset()
-        return measure_in_context(self._ctx, self._embd_batch, self.n_batch, self._encode_tile,
-                                  self.tiling.image_size, self.cost_model)
+        """Measured in the model's context (emptied), or with several sequences - whose requests may be running -
+        in a context of its own."""
+        if self.max_sequences == 1:
+            self.reset()
+            return measure_in_context(self._ctx, self._embd_batch, self.n_batch, self._encode_tile,
+                                      self.tiling.image_size, self.cost_model)
+        ctx = self._new_context(1)
+        try:
+            return measure_in_context(ctx, self._embd_batch, self.n_batch, self._encode_tile,
+                                      self.tiling.image_size, self.cost_model)
+        finally:
+            _ll.llama_free(ctx)
 
     def _check_request(self, images: Sequence[Any], max_tiles: int | None, image_budget: float | None) -> None:
         if images and self._mtmd is None:
