@@ -8,17 +8,17 @@ The same `base.Backend` surface as the llama.cpp backend, so `r1v.load(awq_dir)`
   NVIDIA GPUs of sm80+; weights repacked at load, see `int4`), else Triton on CUDA, else the pure-torch dequantize
   path; "triton", "torch", or "dense" for the model dequantized once to plain fp linears.
 - KV cache: static, preallocated for `n_ctx` positions at load (`model.KVCache`), one row per sequence
-  (`parallel` of them). A step runs the first rows of the cache (a bucket), so before a step the sequences it
-  advances are moved into the bucket's rows where they are not (`_rows_for`: two rows' positions swapped, only
-  when the set of decoding sequences changed): M is the number of sequences stepped, whichever they are. The backend remembers what sits at each position (token ids; image
-  embeddings as (image key, index)); a new prompt keeps the longest common prefix and evaluates the rest, as the
-  llama.cpp backend does.
+  (`parallel` of them). A step runs the first rows of the cache (a bucket), so the sequences it advances are
+  moved into the bucket's rows where they are not (`_rows_for`: two rows' positions swapped, only when the set of
+  decoding sequences changed): M is the number of sequences stepped, whichever they are. The backend remembers
+  what sits at each position (token ids; image embeddings as (image key, index)); a new prompt keeps the longest
+  common prefix and evaluates the rest, as the llama.cpp backend does.
 - Decode: one token per sequence with fixed shapes (`model.decode.StaticDecoder`); with several sequences one
   forward advances all of them (`_step_batch`: every linear at M = rows, the weights read once), in batch-size
   buckets 1, 2, 4, ... up to `parallel` (up to 8 rows every bucket runs the decode kernels: Triton's GEMV,
-  `kernels.GEMV_MAX_M`; tinygemm up to `int4.CUDA_MAX_M`, 16). On a GPU as CUDA graphs (one per bucket and attention span) captured at
-  load together with a warm-up of the prompt and vision kernels, so neither the first request nor a new sequence
-  length meets first-time costs (R1V_CUDA_GRAPHS=0: eager steps).
+  `kernels.GEMV_MAX_M`; tinygemm up to `int4.CUDA_MAX_M`, 16). On a GPU as CUDA graphs (one per bucket and
+  attention span) captured at load together with a warm-up of the prompt and vision kernels, so neither the first
+  request nor a new sequence length meets first-time costs (R1V_CUDA_GRAPHS=0: eager steps).
 - Prefill: chunks of at most `n_batch` positions, text and image positions alike (so a 12-tile image, 3,328
   positions, needs the activations of one chunk, not of the whole prompt); logits only for the last position.
   Images: InternVL tiling (`runtime.image`), the vision tower run `VISION_TILES` tiles at a time, embeddings kept
