@@ -356,3 +356,17 @@ def test_measuring_image_rates_leaves_running_streams_alone(q8, png, tmp_path):
         rest = [c for c in running["stream"]]
     assert m._backend._rates is not None and budgeted.estimated_prefill_seconds is not None
     assert rest[-1].result.tokens == alone
+
+
+@pytest.mark.slow
+def test_bench_sweep_serves_each_way_in_its_own_process(q8, capsys):
+    pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from r1v.bench.serve import sweep, sweep_table
+
+    rows = sweep(q8, clients=(1, 2), rounds=1, max_tokens=4, threads=2, n_ctx=256)
+    assert [(r.mode, r.clients, r.threads_per_copy) for r in rows] == \
+        [("batched", 1, 2), ("batched", 2, 2), ("copies", 1, 2), ("copies", 2, 1)]
+    assert all(r.report.ok == r.clients and r.report.errors == 0 and r.peak_rss_mb > 0 for r in rows)
+    table = sweep_table(rows).splitlines()
+    assert len(table) == 6 and table[2].startswith("| batched | 1 | 2 |") and "| 1.00 |" in table[2]
