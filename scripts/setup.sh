@@ -27,4 +27,8 @@ if [ ! -x /usr/bin/chromium ] && { [ "${R1V_INSTALL_CHROMIUM:-0}" = 1 ] || [ "${
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
         || echo "setup: could not install chromium; the viewer's browser test will be skipped" >&2
 fi
+# llama.cpp's own source (the sdist's vendored copy, same version as the bindings, ~5 s): the baseline of
+# `r1v bench convert` and the tests that compile llama.cpp's Jinja engine; a failure here does not stop the setup.
+bash scripts/fetch-llama-cpp-src.sh >/dev/null \
+    || echo "setup: could not fetch llama.cpp's source; tests that need it will be skipped" >&2
 echo "r1v-edge set up in .venv ($(.venv/bin/r1v --version))"
