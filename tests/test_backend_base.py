@@ -269,25 +269,12 @@ def test_logprobs_are_teacher_forced_and_normalized():
 
 
 # --- the two backends of one tiny checkpoint -----------------------------------------------------------------
-SIZES = dict(llm_hidden=256, llm_intermediate=512, llm_layers=3, llm_heads=4, llm_kv_heads=2,
-             vit_hidden=64, vit_intermediate=128, vit_heads=4, vit_layers=2)
-
-
 @pytest.fixture(scope="module")
-def both(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def both(tiny_r1v_gguf, tiny_r1v_awq: Path) -> dict[str, Path]:
     """A GGUF pair and an AWQ checkpoint (RTN, the vision tower kept) converted from the same tiny checkpoint
-    (InternViT-300M flavour, 448-pixel tiles of 256 positions): the same tokenizer and image layout."""
-    pytest.importorskip("torch")
-    from r1v.converters.gguf import convert_gguf
-    from r1v.quant.driver import quantize_checkpoint_awq
-    from r1v.testing import make_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("backend-base")
-    ckpt = make_tiny_checkpoint(root / "tiny-r1v", vit="300m", seed=8, dtype="f32", **SIZES)
-    gguf = convert_gguf(ckpt, root / "gguf", quant=["f16"], mmproj_quant="f16", progress=False).llm["f16"]
-    quantize_checkpoint_awq(ckpt, root / "awq", group_size=32, n_samples=2, seq_len=320, method="rtn",
-                            progress=False)
-    return {"llamacpp": gguf, "awq": root / "awq"}
+    (the session's tiny_r1v: InternViT-300M flavour, 448-pixel tiles of 256 positions): the same tokenizer and
+    image layout."""
+    return {"llamacpp": tiny_r1v_gguf.llm["f16"], "awq": tiny_r1v_awq}
 
 
 def _load(path: Path, n_ctx: int):
