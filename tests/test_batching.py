@@ -369,4 +369,5 @@ def test_bench_sweep_serves_each_way_in_its_own_process(q8, capsys):
         [("batched", 1, 2), ("batched", 2, 2), ("copies", 1, 2), ("copies", 2, 1)]
     assert all(r.report.ok == r.clients and r.report.errors == 0 and r.peak_rss_mb > 0 for r in rows)
     table = sweep_table(rows).splitlines()
-    assert len(table) == 6 and table[2].startswith("| batched | 1 | 2 |") and "| 1.00 |" in table[2]
+    assert len(table) == 6 and table[2].startswith("| batched | 1 | 2 |") and table[2].count("| 1.00 |") == 2
+    assert all(r.report.stream_decode_tokens_per_second > 0 and r.report.first_token_p50_ms > 0 for r in rows)

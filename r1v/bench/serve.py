@@ -51,12 +51,15 @@ class LoadReport:
     latency_p50_ms: float
     latency_p95_ms: float
     latency_max_ms: float
+    first_token_p50_ms: float  # from sending the request to its first streamed text
+    stream_decode_tokens_per_second: float  # median over requests: tokens after the first / first to last text
 
     def summary(self) -> str:
         return (f"{self.requests} requests, {self.concurrency} concurrent: {self.ok} ok, {self.refused} refused, "
                 f"{self.errors} errors | latency p50 {self.latency_p50_ms:.0f} ms, p95 {self.latency_p95_ms:.0f} ms, "
-                f"max {self.latency_max_ms:.0f} ms | {self.requests_per_second:.1f} req/s, "
-                f"{self.completion_tokens_per_second:.0f} output tok/s | {self.wall_seconds:.1f} s")
+                f"max {self.latency_max_ms:.0f} ms, first token p50 {self.first_token_p50_ms:.0f} ms | "
+                f"{self.requests_per_second:.1f} req/s, {self.completion_tokens_per_second:.0f} output tok/s, "
+                f"{self.stream_decode_tokens_per_second:.1f} decode tok/s per stream | {self.wall_seconds:.1f} s")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -72,22 +75,52 @@ async def _load(url: str, body: dict[str, Any], n: int, concurrency: int, api_ke
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     latencies: list[float] = []
+    first_tokens: list[float] = []
+    decode_rates: list[float] = []
     statuses: dict[str, int] = {}
     tokens = 0
     next_request = 0
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
+        async def request() -> str:
+            """One streamed request; its figures appended when answered."""
+            nonlocal tokens
+            start = time.perf_counter()
+            first = last = 0.0
+            used = None
+            async with client.stream("POST", "/v1/chat/completions", json=streamed) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    return str(response.status_code)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    data = json.loads(line[len("data: "):])
+                    if "error" in data:
+                        return "stream_error"
+                    used = data.get("usage") or used
+                    delta = (data.get("choices") or [{}])[0].get("delta") or {}
+                    if delta.get("content") or delta.get("reasoning_content"):
+                        last = time.perf_counter()
+                        first = first or last
+            if used is None:
+                return "no_usage"
+            n_tokens = used["completion_tokens"]
+            tokens += n_tokens
+            latencies.append(time.perf_counter() - start)
+            if first:
+                first_tokens.append(first - start)
+                if n_tokens > 1 and last > first:
+                    decode_rates.append((n_tokens - 1) / (last - first))
+            return "200"
+
         async def worker() -> None:
-            nonlocal next_request, tokens
+            nonlocal next_request
             while next_request < n:
                 next_request += 1
-                start = time.perf_counter()
                 try:
-                    response = await client.post("/v1/chat/completions", json=body)
-                    status = str(response.status_code)
-                    if response.status_code == 200:
-                        tokens += response.json()["usage"]["completion_tokens"]
-                        latencies.append(time.perf_counter() - start)
+                    status = await request()
                 except httpx.HTTPError as e:
                     status = type(e).__name__
                 statuses[status] = statuses.get(status, 0) + 1
@@ -101,7 +134,8 @@ async def _load(url: str, body: dict[str, Any], n: int, concurrency: int, api_ke
         requests=n, concurrency=concurrency, ok=ok, refused=refused, errors=n - ok - refused, statuses=statuses,
         wall_seconds=wall, requests_per_second=ok / wall, completion_tokens_per_second=tokens / wall,
         latency_p50_ms=1000 * _percentile(latencies, 0.50), latency_p95_ms=1000 * _percentile(latencies, 0.95),
-        latency_max_ms=1000 * max(latencies, default=0.0))
+        latency_max_ms=1000 * max(latencies, default=0.0), first_token_p50_ms=1000 * _percentile(first_tokens, 0.50),
+        stream_decode_tokens_per_second=_percentile(decode_rates, 0.50))
 
 
 def request_body(prompt: str, image: Path | None, max_tokens: int) -> dict[str, Any]:
@@ -207,16 +241,25 @@ def sweep(source: Path, clients: Sequence[int] = (1, 2, 4, 8), modes: Sequence[M
 
 
 def sweep_table(rows: Sequence[SweepRow]) -> str:
-    """A Markdown table of a sweep; "x 1 client" is the output tokens/s over the same mode's one-client figure."""
-    single = {r.mode: r.report.completion_tokens_per_second for r in rows if r.clients == 1}
-    lines = ["| serving | clients | threads per copy | output tok/s (all clients) | x 1 client | latency p50 s | "
-             "p95 s | peak RSS MB | answered |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """A Markdown table of a sweep. Decode tok/s of all streams: clients x the median stream's decode rate (tokens
+    after the first over first to last streamed text); output tok/s: all answers' tokens over the wall time
+    (prefills and HTTP included); "x 1": over the same mode's one-client figure."""
+    def decode(r: SweepRow) -> float:
+        return r.clients * r.report.stream_decode_tokens_per_second
+
+    single = {r.mode: r for r in rows if r.clients == 1}
+    lines = ["| serving | clients | threads per copy | decode tok/s (all streams) | x 1 | output tok/s (wall) | x 1 | "
+             "first token p50 s | latency p50 s | p95 s | peak RSS MB | answered |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        rate, base = r.report.completion_tokens_per_second, single.get(r.mode)
-        times = f"{rate / base:.2f}" if base else "-"
-        lines.append(f"| {r.mode} | {r.clients} | {r.threads_per_copy} | {rate:.1f} | {times} | "
-                     f"{r.report.latency_p50_ms / 1000:.1f} | {r.report.latency_p95_ms / 1000:.1f} | "
-                     f"{r.peak_rss_mb:.0f} | {r.report.ok}/{r.report.requests} |")
+        base = single.get(r.mode)
+        times = [f"{a / b:.2f}" if base and b else "-" for a, b in (
+            (decode(r), decode(base) if base else 0), (r.report.completion_tokens_per_second,
+                                                       base.report.completion_tokens_per_second if base else 0))]
+        lines.append(f"| {r.mode} | {r.clients} | {r.threads_per_copy} | {decode(r):.1f} | {times[0]} | "
+                     f"{r.report.completion_tokens_per_second:.1f} | {times[1]} | "
+                     f"{r.report.first_token_p50_ms / 1000:.2f} | {r.report.latency_p50_ms / 1000:.1f} | "
+                     f"{r.report.latency_p95_ms / 1000:.1f} | {r.peak_rss_mb:.0f} | {r.report.ok}/{r.report.requests} |")
     return "\n".join(lines)
 
 
