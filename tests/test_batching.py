@@ -331,6 +331,10 @@ def test_server_slots_share_one_batched_model(q8, png):
     assert [a.status_code for a in answers] == [200, 200]
     assert [a.json()["choices"][0]["message"]["content"] for a in answers] == alone
     assert health["slots"]["slots"] == 2 and health["slots"]["completed"] == 2
+    for a in answers:  # llama-server's timings beside the usage (the load test reads the decode rate there)
+        timings, used = a.json()["timings"], a.json()["usage"]
+        assert timings["predicted_n"] == used["completion_tokens"] - 1 and timings["predicted_per_second"] > 0
+        assert timings["prompt_n"] + timings["cache_n"] == used["prompt_tokens"]
 
 
 def test_measuring_image_rates_leaves_running_streams_alone(q8, png, tmp_path):

@@ -51,8 +51,8 @@ class LoadReport:
     latency_p50_ms: float
     latency_p95_ms: float
     latency_max_ms: float
-    first_token_p50_ms: float  # from sending the request to its first streamed text
-    stream_decode_tokens_per_second: float  # median over requests: tokens after the first / first to last text
+    first_token_p50_ms: float  # from sending the request to its first token (the answer's `timings`; else 0)
+    stream_decode_tokens_per_second: float  # median over requests: tokens after the first / first to last token
 
     def summary(self) -> str:
         return (f"{self.requests} requests, {self.concurrency} concurrent: {self.ok} ok, {self.refused} refused, "
@@ -80,39 +80,24 @@ async def _load(url: str, body: dict[str, Any], n: int, concurrency: int, api_ke
     statuses: dict[str, int] = {}
     tokens = 0
     next_request = 0
-    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
         async def request() -> str:
-            """One streamed request; its figures appended when answered."""
+            """One request; its figures appended when answered (decode figures from llama-server's `timings`,
+            which `r1v serve` sends too: streamed text would say little, it is released in uneven pieces)."""
             nonlocal tokens
             start = time.perf_counter()
-            first = last = 0.0
-            used = None
-            async with client.stream("POST", "/v1/chat/completions", json=streamed) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    return str(response.status_code)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    data = json.loads(line[len("data: "):])
-                    if "error" in data:
-                        return "stream_error"
-                    used = data.get("usage") or used
-                    delta = (data.get("choices") or [{}])[0].get("delta") or {}
-                    if delta.get("content") or delta.get("reasoning_content"):
-                        last = time.perf_counter()
-                        first = first or last
-            if used is None:
-                return "no_usage"
-            n_tokens = used["completion_tokens"]
-            tokens += n_tokens
-            latencies.append(time.perf_counter() - start)
-            if first:
-                first_tokens.append(first - start)
-                if n_tokens > 1 and last > first:
-                    decode_rates.append((n_tokens - 1) / (last - first))
+            response = await client.post("/v1/chat/completions", json=body)
+            if response.status_code != 200:
+                return str(response.status_code)
+            latency = time.perf_counter() - start
+            answer = response.json()
+            tokens += answer["usage"]["completion_tokens"]
+            latencies.append(latency)
+            figures = answer.get("timings") or {}
+            if figures.get("predicted_n"):
+                first_tokens.append(latency - figures["predicted_ms"] / 1000)
+                decode_rates.append(figures["predicted_per_second"])
             return "200"
 
         async def worker() -> None:
@@ -241,9 +226,9 @@ def sweep(source: Path, clients: Sequence[int] = (1, 2, 4, 8), modes: Sequence[M
 
 
 def sweep_table(rows: Sequence[SweepRow]) -> str:
-    """A Markdown table of a sweep. Decode tok/s of all streams: clients x the median stream's decode rate (tokens
-    after the first over first to last streamed text); output tok/s: all answers' tokens over the wall time
-    (prefills and HTTP included); "x 1": over the same mode's one-client figure."""
+    """A Markdown table of a sweep. Decode tok/s of all streams: clients x the median request's decode rate (tokens
+    after the first over first to last token); output tok/s: all answers' tokens over the wall time (prefills and
+    HTTP included); "x 1": over the same mode's one-client figure."""
     def decode(r: SweepRow) -> float:
         return r.clients * r.report.stream_decode_tokens_per_second
 

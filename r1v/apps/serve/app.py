@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from .protocol import (
     APIError, ImageLayout, ServerLimits, check_images, chunk_response, completion_id, completion_response,
-    error_from_exception, parse_chat_request, usage,
+    error_from_exception, parse_chat_request, timings, usage,
 )
 from .slots import ClientGone, Job, SlotPool
 
@@ -201,7 +201,7 @@ def create_app(models: Sequence[Any], config: ServerConfig = ServerConfig()) -> 
             watcher.cancel()
         if result is None:  # cancelled: the client left
             return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(completion_response(result, model=config.model_name))
+        return JSONResponse({**completion_response(result, model=config.model_name), "timings": timings(result)})
 
     return app
 

@@ -395,6 +395,17 @@ def usage(result: Any) -> dict[str, Any]:
     }
 
 
+def timings(result: Any) -> dict[str, Any]:
+    """llama-server's `timings` of an answer (prompt: the evaluated positions, cached ones apart; predicted: the
+    output tokens after the first, over first to last token), for load tests and clients that read them."""
+    evaluated = result.prompt_tokens - result.cached_tokens - result.restored_tokens
+    decoded = max(result.completion_tokens - 1, 0)
+    return {"cache_n": result.cached_tokens + result.restored_tokens, "prompt_n": evaluated,
+            "prompt_ms": 1000 * result.prefill_seconds, "prompt_per_second": result.prefill_tokens_per_second,
+            "predicted_n": decoded, "predicted_ms": 1000 * result.decode_seconds,
+            "predicted_per_second": result.decode_tokens_per_second}
+
+
 def completion_response(result: Any, *, model: str, id: str | None = None, created: int | None = None) -> dict[str, Any]:
     """A `chat.completion` object for a `Result`: the answer in `content`, the reasoning in `reasoning_content`
     (the field DeepSeek's API, vLLM and llama.cpp use), usage counts."""
