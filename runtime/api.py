@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, NamedTuple, Sequence
@@ -214,6 +215,9 @@ class Model:
             from .backends.scheduler import Scheduler
 
             self._scheduler = Scheduler(backend)  # type: ignore[arg-type] - a BaseBackend with sequences
+            # The worker thread holds the scheduler and so the backend: a Model dropped without close() stops
+            # it, so the native memory goes with the Model, as at parallel=1.
+            weakref.finalize(self, self._scheduler.close)
 
     # --- facts --------------------------------------------------------------------------------------
     @property

@@ -98,6 +98,21 @@ def test_parallel_option_is_checked_and_one_keeps_the_single_sequence_path(q8):
         assert _ll.llama_n_ctx(backend._ctx) == 768 and _ll.llama_n_seq_max(backend._ctx) == 3
 
 
+def test_a_model_dropped_without_close_stops_its_scheduler(q8):
+    import gc
+    import weakref
+
+    m = load(q8, n_ctx=256, parallel=2, **THREADS)
+    assert m.generate("hi", max_tokens=2, temperature=0).completion_tokens == 2
+    worker, backend = m._scheduler._thread, weakref.ref(m._backend)
+    del m
+    gc.collect()
+    worker.join(timeout=10)
+    assert not worker.is_alive()  # before: the worker kept the scheduler, the backend and its memory for good
+    gc.collect()
+    assert backend() is None
+
+
 # --- the engine: a batched step against single steps --------------------------------------------------------
 
 def _step_logits(path: Path, batched: bool) -> np.ndarray:
