@@ -248,7 +248,7 @@ def _llama_cpp_source() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def llama_jinja(request: pytest.FixtureRequest) -> Path:
+def llama_jinja(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small program rendering a template with llama.cpp's own Jinja engine (common/jinja), built from the
     llama.cpp source `scripts/fetch-llama-cpp-src.sh` unpacks (or $R1V_LLAMA_CPP_SRC); cached by source."""
     import hashlib
@@ -260,7 +260,10 @@ def llama_jinja(request: pytest.FixtureRequest) -> Path:
         pytest.skip("needs the llama.cpp source (scripts/fetch-llama-cpp-src.sh or R1V_LLAMA_CPP_SRC) and a C++ compiler")
     sources = [*sorted((src / "common" / "jinja").glob("*.cpp")), src / "common" / "json.cpp", src / "common" / "unicode.cpp"]
     digest = hashlib.sha256(RENDER_CPP.encode() + b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-    out = Path(request.config.cache.mkdir("llama-jinja")) / f"render-{digest}"
+    # pytest's cache dir keeps the build across runs (~1 min of g++); without the cache plugin, a temp dir
+    cache = getattr(request.config, "cache", None)
+    folder = Path(cache.mkdir("llama-jinja")) if cache is not None else tmp_path_factory.mktemp("llama-jinja")
+    out = folder / f"render-{digest}"
     if not out.is_file():
         main = out.with_suffix(".cpp")
         main.write_text(RENDER_CPP)
