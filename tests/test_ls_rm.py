@@ -227,3 +227,17 @@ def test_rm_refuses_files_in_use(caches: dict[str, Path], capsys) -> None:
     assert cli_main(["rm", "micro-r1v:q8_0", "--yes"]) == 0 and not model.exists()
     assert time.monotonic() - start < 10
     assert os.path.isdir(caches["build"])
+
+
+def test_support_folders_are_listed_as_such_and_removable(caches: dict[str, Path], capsys) -> None:
+    """llama.cpp's source (setup.sh fetches it into the r1v cache) holds test .gguf files: it is no model build."""
+    src = caches["xdg"] / "r1v" / "llama.cpp-src"
+    (src / "models").mkdir(parents=True)
+    (src / "models" / "ggml-vocab-llama.gguf").write_bytes(G + b"v" * 400)
+    (src / "convert_hf_to_gguf.py").write_text("# converter\n")
+    items = {i["name"]: i for i in _ls_json(capsys)["items"]}
+    assert items["llama.cpp-src"]["kind"] == "support"
+    assert items["llama.cpp-src"]["holds"] == "llama.cpp source (r1v bench convert, tests)"
+    assert items["llama.cpp-src"]["bytes"] == len(G) + 400 + len("# converter\n")
+    assert cli_main(["rm", "llama.cpp-src", "--yes"]) == 0
+    assert not src.exists() and (caches["build"] / "gguf-abc").is_dir()

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 PREFIX_CACHE = "prefix-cache"  # the name `r1v ls` gives the prefix cache, and `r1v rm` takes
+# Folders of the r1v cache that hold no model but take space: listed as such, never scanned for model files.
+SUPPORT_DIRS = {
+    "llama.cpp-src": "llama.cpp source (r1v bench convert, tests)",
+    "mmproj-reordered": "mmproj copies with llama.cpp's position-row order",
+}
 
 
 @dataclass
@@ -22,7 +27,7 @@ class Item:
     """One row of `r1v ls`: a model build, a hub repository or the prefix cache."""
 
     name: str  # what `r1v rm` takes: micro-r1v, micro-r1v:awq, Org/Repo, prefix-cache
-    kind: str  # "built" | "hub" | "prefix-cache"
+    kind: str  # "built" | "hub" | "prefix-cache" | "support" (SUPPORT_DIRS)
     holds: str  # for people: formats and quants ("gguf Q4_K_M, Q8_0 + mmproj"), entries
     bytes: int
     modified: float  # newest file's mtime (unix seconds)
@@ -65,7 +70,8 @@ def prefix_cache_dir(given: Path | None = None) -> Path:
 def inventory(cache_dir: Path | None = None, prefix_dir: Path | None = None) -> list[Item]:
     """Every model build, hub repository and the prefix cache, in that order (each by name)."""
     prefix = prefix_cache_dir(prefix_dir)
-    return [*built_items(r1v_cache_root(), skip=prefix), *hub_items(cache_dir), *prefix_items(prefix)]
+    root = r1v_cache_root()
+    return [*built_items(root, skip=prefix), *hub_items(cache_dir), *prefix_items(prefix), *support_items(root)]
 
 
 def built_items(root: Path, *, skip: Path | None = None) -> list[Item]:
@@ -75,7 +81,7 @@ def built_items(root: Path, *, skip: Path | None = None) -> list[Item]:
         return []
     items: list[Item] = []
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
-        if skip is not None and model_dir.resolve() == skip.resolve():
+        if model_dir.name in SUPPORT_DIRS or (skip is not None and model_dir.resolve() == skip.resolve()):
             continue
         checkpoints = sorted(p.parent for p in model_dir.rglob("config.json") if not _in_partial(p, model_dir))
         ggufs = [p for p in model_dir.rglob("*.gguf") if not any(c in p.parents for c in checkpoints)]
@@ -94,6 +100,12 @@ def built_items(root: Path, *, skip: Path | None = None) -> list[Item]:
         elif not checkpoints and any(model_dir.iterdir()):  # leftovers (partial builds): still space to free
             items.append(Item(model_dir.name, "built", "no complete model (partial files)", *_du(model_dir), model_dir))
     return items
+
+
+def support_items(root: Path) -> list[Item]:
+    """The r1v cache's folders that are not models (SUPPORT_DIRS), by their folder name."""
+    return [Item(name, "support", holds, *_du(root / name), root / name)
+            for name, holds in SUPPORT_DIRS.items() if (root / name).is_dir() and not (root / name).is_symlink()]
 
 
 def hub_items(cache_dir: Path | None = None) -> list[Item]:

@@ -55,7 +55,7 @@ def plan_removal(name: str, items: list[Item]) -> Removal:
     for item in items:
         if item.kind == PREFIX_CACHE and key == PREFIX_CACHE:
             return _prefix_removal(item)
-        if item.kind == "built" and item.name.lower() == key:
+        if item.kind in ("built", "support") and item.name.lower() == key:
             return _tree_removal(item)
         if item.kind == "built" and tag and item.name.lower() == base.lower() and tag.lower() in item.quants:
             return _quant_removal(item, tag.lower(), item.path.parent)  # the model's folder is in the r1v cache
