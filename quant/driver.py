@@ -67,7 +67,7 @@ from .rtn import check_groupable, quantize_rtn
 
 VISION_MODES = ("fp16", "int4")  # what a checkpoint can hold for vLLM and transformers (int8: load time only)
 STATE_FILE = "state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the hidden-state parts carry the imatrix's text-position mask
 WORK_KEY_CHARS = 16  # hex digits of the run's key in its work directory's name
 _HEX = frozenset("0123456789abcdef")
 LLM = "language_model.model."
@@ -235,6 +235,7 @@ class _Run:
         self.key = self._key()
         self.work = out.parent / f".{out.name}.partial-{self.key[:WORK_KEY_CHARS]}"
         self.seconds: dict[str, float] = {}
+        self.text_positions: torch.Tensor | None = None  # bool [windows, seq_len]: what the imatrix counts
 
     def _key(self) -> str:
         from r1v import __version__
@@ -298,7 +299,8 @@ class _Run:
         clock = time.perf_counter()
         static_parts = self._write_static_parts()
         self.seconds["static_parts"] = round(time.perf_counter() - clock, 3)
-        imatrix = Imatrix(chunk_size=self.opts.seq_len, datasets=[f"r1v calibration {self.fingerprint[:12]}"])
+        imatrix = Imatrix(chunk_size=self.opts.seq_len, chunks=self.opts.n_samples,
+                          datasets=[f"r1v calibration {self.fingerprint[:12]}"])
         if start < 0:
             hidden, calibration = self._calibrate(imatrix)
             start = 0
@@ -340,6 +342,9 @@ class _Run:
                  f"{batch.stats['images']} image places ({batch.stats['distinct_images']} distinct images, "
                  f"{batch.stats['tiles']} tiles to encode; {batch.stats['image_tokens']} image tokens)")
         hidden = embed_calibration_batch(self.ckpt, batch, self.device, self.dtype, progress=self.progress)
+        # The imatrix counts text positions only (their context keeps the image): on micro-r1v this beat all
+        # positions and text without images (quant/imatrix.py, tests/test_imatrix_choice.py).
+        self.text_positions = torch.from_numpy(batch.input_ids != batch.image_token_id)
         self.seconds["calibration"] = round(time.perf_counter() - clock, 3)
         self._save_hidden(0, hidden, imatrix, calibration)
         return hidden, calibration
@@ -374,6 +379,7 @@ class _Run:
     def _save_hidden(self, layer: int, hidden: torch.Tensor, imatrix: Imatrix, calibration: dict[str, int]) -> None:
         tensors = [array_tensor("hidden", hidden.cpu().numpy())]
         tensors += [array_tensor(f"imatrix/{name}", imatrix.sums[name]) for name in sorted(imatrix.sums)]
+        tensors.append(array_tensor("imatrix_text_positions", self.text_positions.numpy().astype(np.uint8)))
         meta = {"imatrix_counts": json.dumps(imatrix.counts, sort_keys=True),
                 "calibration": json.dumps(calibration, sort_keys=True)}
         write_part(self.work / _hidden_name(layer), tensors, meta)
@@ -384,6 +390,7 @@ class _Run:
         imatrix.counts.update(json.loads(meta["imatrix_counts"]))
         for name in imatrix.counts:
             imatrix.sums[name] = arrays[f"imatrix/{name}"]
+        self.text_positions = torch.from_numpy(arrays["imatrix_text_positions"].astype(bool))
         return torch.from_numpy(arrays["hidden"]).to(self.device), json.loads(meta["calibration"])
 
     # -- one decoder layer
@@ -395,7 +402,7 @@ class _Run:
                             self.dtype)
         kwargs = {"cos": cos, "sin": sin, "cache": None}
         rows = max(1, _CHUNK_ELEMENTS // (hidden.shape[1] * self.cfg.llm.intermediate_size))
-        with imatrix.recording(layer, prefix=f"model.layers.{i}.", n_blocks=self.n_layers):
+        with imatrix.recording(layer, prefix=f"model.layers.{i}.", n_blocks=self.n_layers, keep=self.text_positions):
             for s in range(0, hidden.shape[0], rows):
                 layer(hidden[s:s + rows], **kwargs)
         quantized = quantize_layer_awq(layer, hidden, kwargs, self.opts.group_size, self.opts.bits,
@@ -424,7 +431,7 @@ class _Run:
         norm = load_module(self.ckpt, lambda: RMSNorm(self.cfg.llm.hidden_size, self.cfg.llm.rms_norm_eps),
                            f"{LLM}norm.", self.device, self.dtype)
         for s in range(0, hidden.shape[0], 8):
-            imatrix.add("output.weight", norm(hidden[s:s + 8]))
+            imatrix.add("output.weight", norm(hidden[s:s + 8])[self.text_positions[s:s + 8].to(hidden.device)])
 
     # -- everything that is not a decoder layer
     def _write_static_parts(self) -> list[Path]:

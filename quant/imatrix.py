@@ -13,6 +13,10 @@ F32 tensors `<name>.in_sum2` [1, n_in] and `<name>.counts` [1, 1].
 
 Differences from the tool, on purpose: sums are kept in float64 until written (the tool adds in float32),
 and every recorded batch counts (the tool ignores matmuls with fewer than 16 rows, i.e. its decode steps).
+The tool sees text only; `recording(keep=...)` counts chosen positions of multimodal windows (the AWQ driver:
+the text positions, whose context still holds the image). Measured on micro-r1v (200 test items, Q2_K):
+text positions only gave 21% lower per-item KL than all positions, 13% lower than the same text without its
+images (what the tool would see); Q3_K_S was a tie (README, "The importance matrix").
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ class Imatrix:
     counts: dict[str, int] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
     chunk_size: int = 0  # tokens per calibration sequence (the tool's n_ctx / n_parallel)
+    chunks: int = 0  # calibration sequences seen; 0: the largest count / chunk_size (every position counted)
 
     def add(self, name: str, x: Any) -> None:
         """Accumulate activations x [..., n_in] (numpy array or torch tensor) entering weight `name`."""
@@ -88,12 +93,16 @@ class Imatrix:
 
     @property
     def chunk_count(self) -> int:
+        if self.chunks:
+            return self.chunks
         return max(self.counts.values(), default=0) // self.chunk_size if self.chunk_size else 0
 
     @contextlib.contextmanager
-    def recording(self, module: Any, prefix: str = "", n_blocks: int = 1) -> Iterator[Imatrix]:
+    def recording(self, module: Any, prefix: str = "", n_blocks: int = 1, keep: Any = None) -> Iterator[Imatrix]:
         """While active, every nn.Linear under `module` that maps to a GGUF name (module path = `prefix` +
-        its name inside `module`, e.g. prefix `model.layers.3.` for one decoder layer) adds its inputs here."""
+        its name inside `module`, e.g. prefix `model.layers.3.` for one decoder layer) adds its inputs here.
+        `keep`: a bool mask [windows, seq_len] of the positions to count, for inputs [rows, seq_len, n_in] that
+        arrive as consecutive chunks of those windows, in order (each linear counts off the rows it has seen)."""
         from torch import nn
 
         handles = []
@@ -104,7 +113,7 @@ class Imatrix:
                 name = gguf_weight_name(prefix + sub_name, n_blocks)
             except KeyError:
                 continue
-            handles.append(sub.register_forward_hook(functools.partial(_record, self, name)))
+            handles.append(sub.register_forward_hook(functools.partial(_record, self, name, keep, {})))
         if not handles:
             raise ValueError(f"no linear under {type(module).__name__} (prefix {prefix!r}) has a GGUF name")
         try:
@@ -160,11 +169,22 @@ class Imatrix:
         keys = gguf.Keys.IMatrix
         datasets = [str(d) for d in fields[keys.DATASETS].contents()] if keys.DATASETS in fields else []
         chunk_size = int(fields[keys.CHUNK_SIZE].contents()) if keys.CHUNK_SIZE in fields else 0
-        return cls(sums=sums, counts=counts, datasets=datasets, chunk_size=chunk_size)
+        chunks = int(fields[keys.CHUNK_COUNT].contents()) if keys.CHUNK_COUNT in fields else 0
+        return cls(sums=sums, counts=counts, datasets=datasets, chunk_size=chunk_size, chunks=chunks)
 
 
-def _record(imatrix: Imatrix, name: str, module: Any, args: tuple[Any, ...], output: Any) -> None:
-    imatrix.add(name, args[0])
+def _record(imatrix: Imatrix, name: str, keep: Any, seen: dict[str, int], module: Any, args: tuple[Any, ...],
+            output: Any) -> None:
+    x = args[0]
+    if keep is not None:
+        start = seen.get("rows", 0)
+        seen["rows"] = start + x.shape[0]
+        rows = keep[start:start + x.shape[0]]
+        if tuple(rows.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"{name}: positions mask {tuple(keep.shape)} does not cover inputs {tuple(x.shape)} "
+                             f"arriving at row {start}")
+        x = x[rows.to(x.device)]
+    imatrix.add(name, x)
 
 
 class _ImatrixWriter(gguf.GGUFWriter):

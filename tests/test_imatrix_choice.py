@@ -1,0 +1,75 @@
+"""Which positions the importance matrix counts: `r1v convert awq --imatrix-out` records the text positions of
+the calibration windows only (their context still holds the image), the choice measured best on micro-r1v
+(quant/imatrix.py module doc, README "The importance matrix")."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from r1v.converters.checkpoint import open_checkpoint
+from r1v.quant.calibration import build_calibration_batch, builtin_calibration
+from r1v.quant.driver import LLM, embed_calibration_batch, load_module, quantize_checkpoint_awq
+from r1v.quant.imatrix import Imatrix
+from r1v.runtime.model.qwen2 import RMSNorm
+from r1v.testing import make_tiny_checkpoint
+
+SIZES = {"llm_hidden": 256, "llm_intermediate": 512, "llm_layers": 2, "image_size": 224}
+RUN = {"group_size": 64, "n_samples": 4, "seq_len": 160, "method": "rtn", "progress": False}
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = nn.Module()
+        self.self_attn.q_proj = nn.Linear(8, 4)
+
+
+def test_recording_counts_only_kept_positions_across_chunks():
+    torch.manual_seed(0)
+    block, x = _Block(), torch.randn(3, 5, 8)
+    keep = torch.rand(3, 5) > 0.4
+    imatrix = Imatrix()
+    with imatrix.recording(block, prefix="model.layers.0.", n_blocks=1, keep=keep):
+        block.self_attn.q_proj(x[:2])  # the driver feeds the windows in chunks of rows, in order
+        block.self_attn.q_proj(x[2:])
+    name = "blk.0.attn_q.weight"
+    assert imatrix.counts[name] == int(keep.sum()) < 15
+    np.testing.assert_allclose(imatrix.sums[name], (x[keep].double() ** 2).sum(0).numpy(), rtol=1e-12)
+
+
+def test_a_mask_that_does_not_cover_the_inputs_is_refused():
+    block, imatrix = _Block(), Imatrix()
+    with imatrix.recording(block, prefix="model.layers.0.", keep=torch.ones(2, 5, dtype=torch.bool)):
+        block.self_attn.q_proj(torch.zeros(2, 5, 8))
+        with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight: positions mask \(2, 5\) does not cover "
+                                             r"inputs \(1, 5, 8\) arriving at row 2"):
+            block.self_attn.q_proj(torch.zeros(1, 5, 8))
+
+
+@pytest.mark.slow
+def test_awq_imatrix_out_counts_the_text_positions_of_the_windows(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", vit="6b", seed=0, **SIZES)
+    items = builtin_calibration(n_images=4, n_reasoning=2)
+    path = tmp_path / "imatrix.gguf"
+    result = quantize_checkpoint_awq(ckpt, tmp_path / "out", calib=items, imatrix_out=path, **RUN)
+    imatrix = Imatrix.load(path)
+
+    # The first layer's inputs, recomputed: the calibration windows' embeddings through input_layernorm.
+    opened = open_checkpoint(ckpt)
+    batch = build_calibration_batch(opened, items, RUN["n_samples"], RUN["seq_len"])
+    text = batch.input_ids != batch.image_token_id
+    assert result.calibration["image_tokens"] > 0 and int(text.sum()) == (
+        RUN["n_samples"] * RUN["seq_len"] - result.calibration["image_tokens"])
+    norm = load_module(opened, lambda: RMSNorm(SIZES["llm_hidden"], opened.config.llm.rms_norm_eps),
+                       f"{LLM}layers.0.input_layernorm.")
+    with torch.no_grad():
+        x = norm(embed_calibration_batch(opened, batch)).double().numpy()
+
+    assert set(imatrix.counts.values()) == {int(text.sum())}
+    assert imatrix.chunk_count == RUN["n_samples"] and imatrix.chunk_size == RUN["seq_len"]
+    expected = (x[text] ** 2).sum(0)
+    np.testing.assert_allclose(imatrix.sums["blk.0.attn_q.weight"], expected, rtol=1e-5)
+    everywhere = (x.reshape(-1, x.shape[-1]) ** 2).sum(0)  # what the recording counted before
+    assert not np.allclose(imatrix.sums["blk.0.attn_q.weight"], everywhere, rtol=1e-2)
