@@ -15,8 +15,8 @@ Differences from the tool, on purpose: sums are kept in float64 until written (t
 and every recorded batch counts (the tool ignores matmuls with fewer than 16 rows, i.e. its decode steps).
 The tool sees text only; `recording(keep=...)` counts chosen positions of multimodal windows (the AWQ driver:
 the text positions, whose context still holds the image). Measured on micro-r1v (200 test items, Q2_K):
-text positions only gave 21% lower per-item KL than all positions, 13% lower than the same text without its
-images (what the tool would see); Q3_K_S was a tie (README, "The importance matrix").
+text positions only gave a per-item KL (geometric mean) 21% below counting every position and 13% below the
+same text without its images (what the tool would see); Q3_K_S was a tie (README, micro-r1v format table).
 """
 from __future__ import annotations
 
