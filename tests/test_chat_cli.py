@@ -243,3 +243,33 @@ def test_a_conversation_on_the_bundled_model(tmp_path):
     # The follow-up's prompt holds the first turn (the picture too) and came from the KV cache.
     assert int(second.group(3)) == int(first.group(2)) - 2 and int(second.group(2)) > int(first.group(2))
     assert "Traceback" not in term.transcript
+
+
+CTRL_C_PROBE = r"""
+import os, select, signal, sys, threading, time
+from r1v.cli.chat_cmd import ctrl_c_in_the_main_thread
+
+ready, stop = threading.Event(), threading.Event()
+worker = threading.Thread(target=lambda: (ready.set(), stop.wait()))  # another thread, SIGINT not blocked
+worker.start()
+ready.wait()
+read_end, _ = os.pipe()
+with ctrl_c_in_the_main_thread() if sys.argv[1] == "with" else open(os.devnull):
+    threading.Timer(0.3, signal.pthread_kill, (worker.ident, signal.SIGINT)).start()  # the kernel's pick
+    start = time.monotonic()
+    try:
+        select.select([read_end], [], [], 5)  # a wait for a key, as readline's
+        print("not interrupted")
+    except KeyboardInterrupt:  # at once, or only when the wait ran out (Python looks at signals then)
+        print("interrupted", "at once" if time.monotonic() - start < 2.5 else "after the wait")
+stop.set()
+"""
+
+
+@pytest.mark.parametrize("mode, expected", [("with", "interrupted at once"),
+                                             ("without", "interrupted after the wait")])
+def test_ctrl_c_taken_by_another_thread_interrupts_the_main_thread(mode: str, expected: str):
+    """The flake behind a lost Ctrl-C at the prompt: the terminal's SIGINT went to a thread other than the main
+    one, and the main thread, waiting for a key, never woke (without the forwarder: only when its wait runs out)."""
+    out = subprocess.run([sys.executable, "-c", CTRL_C_PROBE, mode], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == expected, out.stderr

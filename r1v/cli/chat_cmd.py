@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from r1v.cli.generate_cmd import add_model_arguments, add_sampling_arguments
 
@@ -98,6 +100,46 @@ class LineReader:
             print(f"r1v chat: could not save the history to {path}: {e.strerror or e}", file=sys.stderr)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def ctrl_c_in_the_main_thread() -> Iterator[None]:
+    """Ctrl-C reaches the main thread whatever other threads run. The terminal's SIGINT goes to any thread that
+    does not block it (numpy's BLAS pool, llama.cpp's workers, ...); Python then runs its handler only when the
+    main thread wakes, and readline's wait for a key does not wake: the Ctrl-C was lost until the next key
+    (seen: two thirds of runs under load). So Python's SIGINT handler only records it (the C handler writes it
+    to the wakeup pipe, from whichever thread), and a forwarding thread sends SIGUSR1 to the main thread, whose
+    handler raises KeyboardInterrupt there, as SIGINT would."""
+    if not hasattr(signal, "pthread_kill") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main = threading.main_thread().ident
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous = (signal.signal(signal.SIGINT, lambda *_: None),
+                signal.signal(signal.SIGUSR1, signal.default_int_handler),
+                signal.set_wakeup_fd(write_end, warn_on_full_buffer=False))
+
+    def forward() -> None:
+        while True:
+            received = os.read(read_end, 64)
+            if not received or 0 in received:  # 0: closing
+                return
+            if signal.SIGINT in received:
+                signal.pthread_kill(main, signal.SIGUSR1)
+
+    forwarder = threading.Thread(target=forward, name="r1v-chat-ctrl-c", daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous[2])
+        signal.signal(signal.SIGINT, previous[0])
+        os.write(write_end, b"\0")
+        forwarder.join(timeout=1)
+        signal.signal(signal.SIGUSR1, previous[1])
+        os.close(read_end)
+        os.close(write_end)
 
 
 def read_message(read: Callable[[str], str]) -> str:
@@ -225,6 +267,11 @@ def answer(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace)
 # --- the conversation -------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
+    with ctrl_c_in_the_main_thread():
+        return _converse(args)
+
+
+def _converse(args: argparse.Namespace) -> int:
     from r1v.cli.generate_cmd import load_options, report
     from r1v.runtime.api import load
     from r1v.runtime.backends.llamacpp.mtmd import MtmdError
