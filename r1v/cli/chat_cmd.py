@@ -109,15 +109,20 @@ def ctrl_c_in_the_main_thread() -> Iterator[None]:
     main thread wakes, and readline's wait for a key does not wake: the Ctrl-C was lost until the next key
     (seen: two thirds of runs under load). So Python's SIGINT handler only records it (the C handler writes it
     to the wakeup pipe, from whichever thread), and a forwarding thread sends SIGUSR1 to the main thread, whose
-    handler raises KeyboardInterrupt there, as SIGINT would."""
+    handler raises KeyboardInterrupt there, as SIGINT would. Until that handler has run, the forwarder sends again
+    every 0.2 s: a signal landing between readline's set-up and its wait for a key wakes nothing either."""
     if not hasattr(signal, "pthread_kill") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    main = threading.main_thread().ident
+    main, handled, closing = threading.main_thread().ident, threading.Event(), threading.Event()
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
-    previous = (signal.signal(signal.SIGINT, lambda *_: None),
-                signal.signal(signal.SIGUSR1, signal.default_int_handler),
+
+    def interrupt(signum: int, frame: Any) -> None:
+        handled.set()
+        raise KeyboardInterrupt
+
+    previous = (signal.signal(signal.SIGINT, lambda *_: None), signal.signal(signal.SIGUSR1, interrupt),
                 signal.set_wakeup_fd(write_end, warn_on_full_buffer=False))
 
     def forward() -> None:
@@ -126,13 +131,17 @@ def ctrl_c_in_the_main_thread() -> Iterator[None]:
             if not received or 0 in received:  # 0: closing
                 return
             if signal.SIGINT in received:
+                handled.clear()
                 signal.pthread_kill(main, signal.SIGUSR1)
+                while not handled.wait(0.2) and not closing.is_set():
+                    signal.pthread_kill(main, signal.SIGUSR1)
 
     forwarder = threading.Thread(target=forward, name="r1v-chat-ctrl-c", daemon=True)
     forwarder.start()
     try:
         yield
     finally:
+        closing.set()
         signal.set_wakeup_fd(previous[2])
         signal.signal(signal.SIGINT, previous[0])
         os.write(write_end, b"\0")
