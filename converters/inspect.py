@@ -140,7 +140,7 @@ def format_summary(s: CheckpointSummary) -> str:
     ]
     for c in s.components:
         dtypes = ", ".join(f"{d}×{n}" for d, n in sorted(c.dtypes.items()))
-        lines.append(f"{COMPONENT_TITLES[c.name]:<32}{c.params:>16,}{_human(c.bytes):>12}  {dtypes}")
+        lines.append(f"{COMPONENT_TITLES[c.name]:<32}{c.params:>16,}{human_size(c.bytes):>12}  {dtypes}")
     lines.append(f"{'total':<32}{s.total_params:>16,}")
     lines.append("")
     tokens = ", ".join(f"{t}={i}" for t, i in s.special_tokens.items()) or "none"
@@ -152,9 +152,10 @@ def format_summary(s: CheckpointSummary) -> str:
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def human_size(n: float) -> str:
+    """Decimal units, as `ollama list` and `hf cache scan` print them."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return str(n)
+    return f"{n:.1f} TB"

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from r1v.converters.inspect import human_size
+
 PREFIX_CACHE = "prefix-cache"  # the name `r1v ls` gives the prefix cache, and `r1v rm` takes
 # Folders of the r1v cache that hold no model but take space: listed as such, never scanned for model files.
 SUPPORT_DIRS = {
@@ -192,15 +194,6 @@ def _files(directory: Path) -> Iterator[Path]:
 
 
 # --- showing ----------------------------------------------------------------------------------------------
-
-def human_size(n: float) -> str:
-    """Decimal units, as `ollama list` and `hf cache scan` print them."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
 
 def format_items(items: list[Item]) -> str:
     if not items:

@@ -21,14 +21,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r1v" / NAME
 
 
+def _files_hash(root: Path, files: list[Path]) -> str:
+    """sha256 over the files' paths (relative to `root`) and bytes, in path order; 16 hex digits."""
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(file.relative_to(root).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def checkpoint_hash(path: Path | None = None) -> str:
     """Identity of the shipped checkpoint: a new training run gets new files, never stale ones."""
     path = path or model_path()
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.is_file()):
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
+    return _files_hash(path, [p for p in path.iterdir() if p.is_file()])
 
 
 def converter_hash(root: Path | None = None) -> str:
@@ -39,11 +44,7 @@ def converter_hash(root: Path | None = None) -> str:
         import r1v.converters as converters
 
         root = Path(converters.__file__).parent
-    digest = hashlib.sha256()
-    for file in sorted(p for pattern in ("**/*.py", "**/*.jinja") for p in root.glob(pattern)):
-        digest.update(file.relative_to(root).as_posix().encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
+    return _files_hash(root, [p for pattern in ("**/*.py", "**/*.jinja") for p in root.glob(pattern)])
 
 
 def micro_model(quant: str | None = None, progress: bool = True) -> Path:
