@@ -246,3 +246,19 @@ def test_convert_prints_which_builds_the_mmproj_is_exact_for(tmp_path: Path, cap
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith(f"{tmp_path / 'out' / 'mmproj-model-f16.gguf'}  (0.8 MB; position rows patches,cls: exact "
                            "for llama.cpp builds without PR #25844")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "No such file or directory"),
+    (b"junk, not GGUF", "not a GGUF file (it starts with b'junk'"),
+])
+def test_command_line_names_a_bad_file_in_one_line(content: bytes | None, message: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]):
+    source, out = tmp_path / "mmproj.gguf", tmp_path / "out.gguf"
+    if content is not None:
+        source.write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        position_order.main([str(source), str(out), "--order", "cls,patches"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0] and str(source) in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["mmproj.gguf"] if content else [])  # nothing written

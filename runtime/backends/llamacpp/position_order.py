@@ -234,7 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--order", choices=POSITION_ORDERS, required=True)
     args = parser.parse_args(argv)
-    reordered_copy(args.mmproj, args.out, args.order)
+    from .gguf_header import read_gguf_header
+
+    try:  # a missing, truncated or non-GGUF file: one line naming it (BadModelFileError is a ValueError)
+        read_gguf_header(args.mmproj, "vision projector")
+        reordered_copy(args.mmproj, args.out, args.order)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"{args.out}: position rows {args.order} (was {file_order(args.mmproj)})")
     return 0
 
