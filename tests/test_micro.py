@@ -154,6 +154,42 @@ def _check_image(item: task.Item, png: Path) -> None:
             assert int(column.sum()) == b["height"] * task.BAR_UNIT
 
 
+def test_curriculum_rows_start_one_coloured_and_end_as_the_task():
+    from r1v.micro.settings import TrainConfig
+    from r1v.micro.train import curriculum_ease
+
+    seeds = range(200)
+    plain = [task.scene_row(np.random.default_rng(s)) for s in seeds]
+    # ease 0 draws exactly what the task draws (no extra random numbers): every split's items are unchanged
+    assert [task.scene_row(np.random.default_rng(s), 0.0) for s in seeds] == plain
+    easy = [task.scene_row(np.random.default_rng(s), 1.0) for s in seeds]
+    assert all(len(set(task.row_colors(scene))) == 1 for scene in easy)
+    assert [task.row_colors(scene)[0] for scene in easy] == [task.row_colors(scene)[0] for scene in plain]
+    half = [task.scene_row(np.random.default_rng(s), 0.5) for s in seeds]
+    copied = sum(c == task.row_colors(scene)[0] for scene in half for c in task.row_colors(scene)[1:]) / (3 * 200)
+    assert 0.5 < copied < 0.75  # 0.5 copied + 0.5 * 1/4 equal by chance
+    rows = [g for s in seeds for g in [task.make_group(s, 2, ease=1.0)] if g[0].scene["kind"] == "row"]
+    assert rows and all(len(set(task.row_colors(g[0].scene))) == 1 for g in rows)
+    cfg = TrainConfig(curriculum_steps=700)
+    assert [curriculum_ease(s, cfg) for s in (0, 350, 700, 5000)] == [1.0, 0.5, 0.0, 0.0]
+    assert curriculum_ease(0, TrainConfig(curriculum_steps=0)) == 0.0
+
+
+def test_reading_is_parsed_element_by_element():
+    assert task.reading("Shapes: 1 red, 2 blue, 3 red, 4 green. That makes 2 red.") == ["red", "blue", "red", "green"]
+    assert task.reading("Bars: 1 red 5, 2 blue 2, 3 green 4. The red bar") == ["red 5", "blue 2", "green 4"]
+    assert task.reading("Bars: 1 red") == ["red"] and task.reading("5 + 2 = 7.") == []
+    from r1v.micro.evaluate import Score
+
+    item = next(i for i in task.make_items(task.TEST_SEED, 20) if i.task == "row_count")
+    expected = task.reading(item.reasoning)
+    wrong = "yellow" if expected[2] != "yellow" else "red"
+    output = item.reasoning.replace(f"3 {expected[2]}", f"3 {wrong}", 1) + "</think>\n\n" + item.answer
+    score = Score()
+    score.add(item, output)
+    assert (score.read_correct, score.read_total) == (3, 4) and score.reading_accuracy == 0.75
+
+
 def test_answers_follow_from_the_drawn_image(tmp_path):
     items = task.make_items(task.TEST_SEED + 1000, 120)
     assert len({i.task for i in items}) == len(task.TASKS)

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes", type=int, default=D["scenes"], help="scenes (images) per step")
     parser.add_argument("--questions", type=int, default=D["questions"],
                         help="questions per scene (the image is encoded once for all of them)")
+    parser.add_argument("--curriculum-steps", type=int, default=D["curriculum_steps"],
+                        help="steps over which the training rows go from one colour to the task's own mixture "
+                             "(0: no curriculum) (default %(default)s)")
     parser.add_argument("--lr", type=float, default=D["lr"], help="peak learning rate")
     parser.add_argument("--threads", type=int, default=D["threads"], help="torch CPU threads")
     parser.add_argument("--init", default=None, metavar="DIR",
@@ -34,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from r1v.micro.train import TrainConfig, train
 
-    cfg = TrainConfig(steps=args.steps, scenes=args.scenes, questions=args.questions, lr=args.lr, seed=args.seed,
+    cfg = TrainConfig(steps=args.steps, scenes=args.scenes, questions=args.questions,
+                      curriculum_steps=args.curriculum_steps, lr=args.lr, seed=args.seed,
                       minutes=args.minutes, threads=args.threads, eval_items=args.eval_items,
                       probe_every=args.probe_every, init=args.init)
     train(args.output, cfg, log=lambda line: print(line, flush=True))

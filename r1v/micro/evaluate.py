@@ -23,13 +23,23 @@ class Score:
     by_task: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     seconds: float = 0.0
     wrong: list[dict[str, str]] = field(default_factory=list)
+    read_correct: int = 0  # elements of the pictures' readings (a colour, or a bar's colour and height) read right
+    read_total: int = 0
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
+    @property
+    def reading_accuracy(self) -> float:
+        return self.read_correct / self.read_total if self.read_total else 0.0
+
     def add(self, item: task.Item, output: str) -> bool:
         ok = task.final_answer(output) == item.answer
+        if item.has_image:
+            expected = task.reading(item.reasoning)
+            self.read_total += len(expected)
+            self.read_correct += sum(a == b for a, b in zip(expected, task.reading(output)))
         self.correct += ok
         self.total += 1
         self.by_task[item.task][0] += ok
@@ -41,10 +51,12 @@ class Score:
 
     def summary(self) -> str:
         parts = ", ".join(f"{t} {c}/{n}" for t, (c, n) in sorted(self.by_task.items()))
-        return f"accuracy {self.accuracy:.1%} ({self.correct}/{self.total}) [{parts}]"
+        return (f"accuracy {self.accuracy:.1%} ({self.correct}/{self.total}), picture elements read right "
+                f"{self.reading_accuracy:.1%} [{parts}]")
 
     def to_json(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total,
+                "reading_accuracy": self.reading_accuracy,
                 "by_task": {t: {"correct": c, "total": n} for t, (c, n) in sorted(self.by_task.items())},
                 "seconds": round(self.seconds, 1)}
 

@@ -63,20 +63,26 @@ def _announce(progress: bool, what: str, out: Path) -> None:
               flush=True)
 
 
+def calibration_items() -> list:  # -> list[CalibrationItem]
+    """The AWQ calibration of micro-r1v: training-split task items, questions with their reasoning answers."""
+    from r1v.quant.calibration import CalibrationItem
+
+    from . import task
+
+    return [CalibrationItem(question=i.question, image=i.image(), answer=i.completion, source=i.id)
+            for i in task.make_items(task.SPLITS["train"][0] + 5_000_000, AWQ_CALIBRATION_ITEMS)]
+
+
 def micro_awq(progress: bool = True) -> Path:
     """micro-r1v as a 4-bit AWQ checkpoint, made the way `r1v convert awq` makes one (default method), calibrated
     on the task's own training items (images through the vision tower, chat-templated questions and answers)."""
-    from r1v.quant.calibration import CalibrationItem
     from r1v.quant.driver import quantize_checkpoint_awq
     from r1v.quant.methods import DEFAULT_METHOD
-
-    from . import task
 
     out = cache_root() / checkpoint_hash() / f"awq-{DEFAULT_METHOD.replace('+', '-')}"  # a new method: a new build
     if (out / "config.json").is_file():
         return out
-    items = [CalibrationItem(question=i.question, image=i.image(), answer=i.completion, source=i.id)
-             for i in task.make_items(task.SPLITS["train"][0] + 5_000_000, AWQ_CALIBRATION_ITEMS)]
+    items = calibration_items()
     tmp = out.with_name(f".awq-{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     _announce(progress, f"the 4-bit AWQ checkpoint ({DEFAULT_METHOD}, {AWQ_CALIBRATION_ITEMS} calibration items; "

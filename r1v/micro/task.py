@@ -137,26 +137,35 @@ def render(scene: dict[str, Any]) -> Image.Image:
 # the scene cannot pose it)
 # ------------------------------------------------------------------------------------------------
 
-def scene_row(rng: np.random.Generator) -> dict[str, Any]:
-    """Four shapes of random colours (repeats allowed) in a row, one per column."""
+def scene_row(rng: np.random.Generator, ease: float = 0.0) -> dict[str, Any]:
+    """Four shapes of random colours (repeats allowed) in a row, one per column. With `ease` > 0 (the
+    perception curriculum of training) each shape after the first takes the first one's colour with that
+    probability: at 1 the row is one colour, which a glance at the whole picture reads, so the words for the
+    colours get tied to what the picture shows before the model has to find the k-th column. At 0 (every item
+    of every split) the draws are the task's own."""
     objects = []
     for k in range(4):
         dx = int(rng.integers(-JITTER, JITTER + 1))
         objects.append({"shape": SHAPES[int(rng.integers(2))], "color": COLOR_NAMES[int(rng.integers(4))],
                         "x": k * CELL + CELL // 2 + dx,
                         "y": SIZE // 2 + int(rng.integers(-ROW_Y_SPREAD, ROW_Y_SPREAD + 1))})
+    if ease > 0:
+        for obj in objects[1:]:
+            if rng.random() < ease:
+                obj["color"] = objects[0]["color"]
     return {"kind": "row", "objects": objects}
 
 
-def scene_bars(rng: np.random.Generator) -> dict[str, Any]:
-    """Three bars of different colours and different heights (1-6 units) on a baseline."""
+def scene_bars(rng: np.random.Generator, ease: float = 0.0) -> dict[str, Any]:
+    """Three bars of different colours and different heights (1-6 units) on a baseline (`ease` unused: the
+    colours a bar chart needs are learned on the rows)."""
     colors = _pick_colors(rng, 3)
     heights = [int(h) + 1 for h in rng.permutation(BAR_MAX)[:3]]
     return {"kind": "bars", "bars": [{"color": c, "height": h, "x": x}
                                      for c, h, x in zip(colors, heights, BAR_SLOTS)]}
 
 
-SCENES: dict[str, Callable[[np.random.Generator], dict[str, Any]]] = {"row": scene_row, "bars": scene_bars}
+SCENES: dict[str, Callable[..., dict[str, Any]]] = {"row": scene_row, "bars": scene_bars}
 
 
 def _pick_colors(rng: np.random.Generator, k: int) -> list[str]:
@@ -342,10 +351,11 @@ def make_items(seed: int, n: int) -> list[Item]:
     return [make_item(seed + i) for i in range(n)]
 
 
-def make_group(seed: int, k: int, text: bool = False) -> list[Item]:
+def make_group(seed: int, k: int, text: bool = False, ease: float = 0.0) -> list[Item]:
     """Training material: up to k different questions about one drawn scene (the image is encoded once for
     all of them), or with `text`, k text-only items. The scene kind is drawn with the summed weight of its
-    tasks and each question's task with its weight among the kind's tasks, as in `make_item`."""
+    tasks and each question's task with its weight among the kind's tasks, as in `make_item`; `ease` is the
+    perception curriculum's (`scene_row`)."""
     rng = np.random.default_rng([seed, 0x6770 + text])
     if text:
         # Text-only practice is cheap, so training uses many of these, mostly questions about scenes told
@@ -362,7 +372,7 @@ def make_group(seed: int, k: int, text: bool = False) -> list[Item]:
     kind = kinds[int(rng.choice(len(kinds), p=kind_weights / kind_weights.sum()))]
     names = [n for n in _NAMES if TASKS[n].scene == kind]
     weights = np.array([TASKS[n].weight for n in names])
-    scene = SCENES[kind](rng)
+    scene = SCENES[kind](rng, ease)
     items: list[Item] = []
     questions: set[str] = set()
     for _ in range(3 * k):
@@ -378,6 +388,17 @@ def make_group(seed: int, k: int, text: bool = False) -> list[Item]:
     for item in items[1:]:
         item._image = image
     return items
+
+
+def reading(text: str) -> list[str]:
+    """What a completion read off the picture, element by element: `["red", "blue", ...]` from
+    "Shapes: 1 red, 2 blue, ...", `["red 4", ...]` from "Bars: 1 red 4, ..."; [] when it opens with no reading.
+    Training and evaluation report how many elements a model reads right (the skill the answers hang on)."""
+    head, _, rest = text.partition(": ")
+    if head not in ("Shapes", "Bars"):
+        return []
+    elements = rest.split(".", 1)[0].split(", ")
+    return [e.split(" ", 1)[1] if " " in e else "" for e in elements]
 
 
 def answer_vocabulary() -> list[str]:

@@ -210,14 +210,15 @@ def loss_fn(model: R1VModel, batch: Packed) -> torch.Tensor:
     return F.cross_entropy(logits, batch.ids[:, 1:][predict])
 
 
-def probe(model: R1VModel, tokenizer: Any, n: int) -> str:
-    """Greedy accuracy on the first n validation items, mid-training (the model is put back in train mode)."""
+def probe(model: R1VModel, tokenizer: Any, n: int) -> Any:
+    """Greedy `evaluate.Score` on the first n validation items, mid-training (the model is put back in train
+    mode)."""
     from .evaluate import evaluate
 
     model.eval()
     try:
         with torch.no_grad():
-            return evaluate(model, tokenizer, task.make_items(task.VALIDATION_SEED, n)).summary()
+            return evaluate(model, tokenizer, task.make_items(task.VALIDATION_SEED, n))
     finally:
         model.train()
 
@@ -227,6 +228,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def curriculum_ease(step: int, cfg: TrainConfig) -> float:
+    """How one-coloured the training rows are at `step`: 1 at the start, 0 from `curriculum_steps` on."""
+    return max(0.0, 1.0 - step / cfg.curriculum_steps) if cfg.curriculum_steps > 0 else 0.0
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -266,6 +272,7 @@ def train(
     batcher = Batcher(tokenizer, r1v_config.tokens_per_tile)
     start, cpu_start = time.perf_counter(), time.process_time()
     ema = None
+    curve: list[dict[str, float]] = []  # the probes: the training curve micro_r1v.json records
     step = 0
     stopped_early = False
     for step in range(cfg.steps):
@@ -273,7 +280,8 @@ def train(
             stopped_early = True
             log(f"reached the {cfg.minutes} min cap after {step} of {cfg.steps} steps; stopping early")
             break
-        groups = [task.make_group(data_seed(cfg.seed, step * cfg.scenes + g), cfg.questions)
+        ease = curriculum_ease(step, cfg)
+        groups = [task.make_group(data_seed(cfg.seed, step * cfg.scenes + g), cfg.questions, ease=ease)
                   for g in range(cfg.scenes)]
         groups += [task.make_group(data_seed(cfg.seed, step * cfg.text_groups + g), cfg.text_questions, text=True)
                    for g in range(cfg.text_groups)]
@@ -287,7 +295,11 @@ def train(
         optimizer.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if cfg.probe_every and (step + 1) % cfg.probe_every == 0:
-            log(f"step {step + 1} probe: {probe(model, tokenizer, cfg.probe_items)}")
+            score = probe(model, tokenizer, cfg.probe_items)
+            curve.append({"step": step + 1, "loss": round(ema, 4), "accuracy": round(score.accuracy, 4),
+                          "reading_accuracy": round(score.reading_accuracy, 4),
+                          "minutes": round((time.perf_counter() - start) / 60, 1)})
+            log(f"step {step + 1} probe: {score.summary()}")
         if (step + 1) % cfg.log_every == 0 or step == 0:
             elapsed = time.perf_counter() - start
             rate = (step + 1) / elapsed
@@ -304,7 +316,7 @@ def train(
     info = {
         "name": "micro-r1v", "train": asdict(cfg), "sizes": asdict(sizes), "steps_done": step,
         "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(cpu_seconds, 1), "final_loss": ema,
+        "train_cpu_seconds": round(cpu_seconds, 1), "final_loss": ema, "curve": curve,
         "parameters": n_params, "torch": torch.__version__,
     }
     path = write_checkpoint(out, tensors, config, tokenizer, info)

@@ -1,0 +1,139 @@
+"""The README's format table: every format of a micro-r1v checkpoint on the same held-out test items.
+
+`python -m r1v.micro.formats [CHECKPOINT] --work DIR [-n 1000]` writes the test items (test split), builds
+the GGUF files (F16, Q8_0, Q4_K_M, Q3_K_S, Q2_K, and Q3_K_S / Q2_K / Q4_K_M again with the importance matrix
+`--imatrix-out` records) and the AWQ checkpoints (g128: awq+gptq, awq, gptq, rtn), all calibrated on the
+same training-split items the shipped AWQ build uses, then scores each with `r1v eval`'s loop against the F16
+GGUF: exact-match accuracy with its standard error, KL(F16 || format) and top-1 agreement on F16's own
+answers. Everything lands in DIR (builds, per-item results, `formats.json`, `formats.md`); a rerun reuses
+what is finished, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import model_path, task
+
+GGUF_QUANTS = ("f16", "q8_0", "q4_k_m", "q3_k_s", "q2_k")
+IMATRIX_QUANTS = ("q4_k_m", "q3_k_s", "q2_k")
+AWQ_METHODS = ("awq+gptq", "awq", "gptq", "rtn")
+GROUP_SIZE = 128
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    format: str
+    accuracy: float
+    standard_error: float  # of the accuracy: sqrt(p (1 - p) / n)
+    correct: int
+    total: int
+    mean_kl: float | None
+    top1_agreement: float | None
+    mean_output_tokens: float
+
+
+def standard_error(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def build(checkpoint: Path, work: Path, progress: bool) -> dict[str, tuple[Path, Path | None]]:
+    """Every format's files: name -> (model path, mmproj or None). Skips what a previous run finished."""
+    from r1v.converters.gguf import convert_gguf, llm_file_name, mmproj_file_name
+    from r1v.quant.driver import quantize_checkpoint_awq
+
+    from .files import calibration_items
+
+    gguf, gguf_imatrix = work / "gguf", work / "gguf-imatrix"
+    mmproj = gguf / mmproj_file_name("micro-r1v", "f16")
+    missing = [q for q in GGUF_QUANTS if not (gguf / llm_file_name("micro-r1v", q)).is_file()]
+    if missing or not mmproj.is_file():
+        convert_gguf(checkpoint, gguf, missing, None if mmproj.is_file() else "f16", name="micro-r1v",
+                     progress=progress)
+    formats: dict[str, tuple[Path, Path | None]] = {
+        f"GGUF {q.upper()}": (gguf / llm_file_name("micro-r1v", q), mmproj) for q in GGUF_QUANTS}
+    imatrix = work / "imatrix.dat"
+    items = None
+    for method in AWQ_METHODS:
+        out = work / f"awq-{method.replace('+', '-')}"
+        if not (out / "config.json").is_file():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            items = items or calibration_items()
+            record = imatrix if method == AWQ_METHODS[0] else None  # the matrix of the default build
+            quantize_checkpoint_awq(checkpoint, out, calib=items, group_size=GROUP_SIZE, method=method,
+                                    imatrix_out=record, progress=progress)
+        formats[f"AWQ g{GROUP_SIZE} {method}"] = (out, None)
+    missing = [q for q in IMATRIX_QUANTS if not (gguf_imatrix / llm_file_name("micro-r1v", q)).is_file()]
+    if missing:
+        convert_gguf(checkpoint, gguf_imatrix, missing, None, name="micro-r1v", imatrix=imatrix, progress=progress)
+    for q in IMATRIX_QUANTS:
+        formats[f"GGUF {q.upper()} + imatrix"] = (gguf_imatrix / llm_file_name("micro-r1v", q), mmproj)
+    formats["torch fp32 (checkpoint)"] = (checkpoint, None)
+    return formats
+
+
+def measure(checkpoint: Path, work: Path, n: int, progress: bool = True) -> list[Row]:
+    from r1v.apps.evaluation import evaluate, read_items
+    from r1v.runtime.api import load
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "test.jsonl"
+    if not data.is_file() or len(data.read_text().splitlines()) != n:
+        task.write_items(task.TEST_SEED, n, data)
+    items = read_items(data)
+    formats = build(checkpoint, work, progress)
+    reference_path, reference_mmproj = formats["GGUF F16"]
+    rows = []
+    with load(reference_path, mmproj=reference_mmproj) as reference:
+        for name, (path, mmproj) in formats.items():
+            slug = name.lower().replace(" ", "-").replace("+", "plus")
+            options = {"mmproj": mmproj} if mmproj else {}
+            with load(path, **options) as model:
+                report = evaluate(model, items, reference=reference, results_path=work / f"eval-{slug}.items.jsonl",
+                                  names={"model": name, "data": str(data), "reference": "GGUF F16"},
+                                  progress=progress)
+            rows.append(Row(name, report.accuracy, standard_error(report.accuracy, report.total), report.correct,
+                            report.total, report.mean_kl, report.top1_agreement, report.mean_output_tokens))
+            if progress:
+                print(f"{name}: {report.summary()}", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| model | accuracy (± 1 SE) | KL to F16 | top-1 agreement |", "|---|---|---|---|"]
+    for r in rows:
+        kl = "—" if r.mean_kl is None or r.format == "GGUF F16" else f"{r.mean_kl:.1e}"
+        top1 = "—" if r.top1_agreement is None or r.format == "GGUF F16" else f"{r.top1_agreement:.2%}"
+        lines.append(f"| {r.format} | {r.accuracy:.1%} ± {r.standard_error:.1%} | {kl} | {top1} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m r1v.micro.formats", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the shipped one)")
+    parser.add_argument("--work", required=True, help="folder for the items, builds and results (reused on rerun)")
+    parser.add_argument("-n", type=int, default=1000, help="test items (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else model_path()
+    work = Path(args.work)
+    rows = measure(checkpoint, work, args.n, progress=not args.no_progress)
+    table: dict[str, Any] = {"checkpoint": str(checkpoint), "items": args.n, "seed": task.TEST_SEED,
+                             "rows": [asdict(r) for r in rows]}
+    (work / "formats.json").write_text(json.dumps(table, indent=2) + "\n")
+    (work / "formats.md").write_text(markdown(rows))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
