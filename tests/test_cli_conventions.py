@@ -78,6 +78,67 @@ def test_model_given_once(capsys: pytest.CaptureFixture[str]) -> None:
     assert "the following arguments are required: MODEL (or -m MODEL)" in capsys.readouterr().err
 
 
+README_EVAL = "eval micro-r1v --quant q4_k_m test/test.jsonl --reference micro-r1v --reference-quant f16"
+
+
+@pytest.mark.parametrize("line", [README_EVAL, README_EVAL.replace("eval micro-r1v", "eval -m micro-r1v")])
+def test_the_readme_eval_line_parses(line: str) -> None:
+    """README's line failed with 'required: MODEL': argparse gave the first chunk of positionals (micro-r1v
+    alone, before --quant) to DATA, since MODEL is optional there to let -m stand in for it."""
+    args = parse(line)
+    assert (args.model, args.data, args.quant, args.reference, args.reference_quant) == \
+        ("micro-r1v", "test/test.jsonl", "q4_k_m", "micro-r1v", "f16")
+
+
+@pytest.mark.parametrize("mixed, plain", [
+    ("eval m.gguf --quant q4_k_m d.jsonl", "eval m.gguf d.jsonl --quant q4_k_m"),
+    ("eval --limit 2 m.gguf -n 5 d.jsonl --force", "eval m.gguf d.jsonl --limit 2 --max-tokens 5 --force"),
+    ("eval d.jsonl --limit 2 -m m.gguf", "eval m.gguf d.jsonl --limit 2"),
+    ("eval --limit 2 -m m.gguf d.jsonl --json", "eval m.gguf d.jsonl --limit 2 --json"),
+    ("batch m.gguf --quant f16 in.jsonl out.jsonl", "batch m.gguf in.jsonl out.jsonl --quant f16"),
+    ("batch m.gguf in.jsonl --stream out.jsonl -n 5", "batch m.gguf in.jsonl out.jsonl --stream --max-tokens 5"),
+    ("batch --stream m.gguf -c 2048 in.jsonl -n 5 out.jsonl --no-progress",
+     "batch m.gguf in.jsonl out.jsonl --stream --n-ctx 2048 --max-tokens 5 --no-progress"),
+    ("batch in.jsonl --stream -m m.gguf out.jsonl", "batch m.gguf in.jsonl out.jsonl --stream"),
+    ("batch --stream in.jsonl out.jsonl -m m.gguf", "batch m.gguf in.jsonl out.jsonl --stream"),
+    ("generate -p hi m.gguf -n 4", "generate m.gguf --prompt hi --max-tokens 4"),
+    ("bench generate --rounds 2 m.gguf --quant q8_0", "bench generate m.gguf --rounds 2 --quant q8_0"),
+    # after `--` every word is positional (argparse's own intermixed parsing lost the `--` before Python 3.13)
+    ("generate -p hi -- m.gguf", "generate m.gguf --prompt hi"),
+    ("eval m.gguf --limit 2 -- d.jsonl", "eval m.gguf d.jsonl --limit 2"),
+    ("batch -m m.gguf --stream in.jsonl -- out.jsonl", "batch m.gguf in.jsonl out.jsonl --stream"),
+])
+def test_options_between_and_after_the_positionals(mixed: str, plain: str) -> None:
+    same(mixed, plain)
+    args = parse(mixed)
+    assert args.model == "m.gguf"
+    if args.command == "eval":
+        assert args.data == "d.jsonl"
+    if args.command == "batch":
+        assert (args.input, args.output) == ("in.jsonl", "out.jsonl")
+
+
+@pytest.mark.parametrize("line, error", [
+    ("eval a.gguf --limit 2 d.jsonl -m b.gguf", "MODEL given twice ('a.gguf' and -m 'b.gguf'): give it once"),
+    ("eval -m b.gguf a.gguf d.jsonl", "MODEL given twice ('a.gguf' and -m 'b.gguf'): give it once"),
+    ("batch a.gguf --stream in.jsonl out.jsonl -m b.gguf",
+     "MODEL given twice ('a.gguf' and -m 'b.gguf'): give it once"),
+    ("eval --limit 2 d.jsonl", "the following arguments are required: MODEL (or -m MODEL)"),
+    ("batch in.jsonl --stream out.jsonl", "the following arguments are required: MODEL (or -m MODEL)"),
+    ("eval --limit 2", "the following arguments are required: data"),
+    ("batch -m m.gguf --stream in.jsonl", "the following arguments are required: output"),
+    ("eval m.gguf --limit 2 d.jsonl extra.jsonl", "unrecognized arguments: extra.jsonl"),
+    ("eval m.gguf -o r.json d.jsonl -m", "argument -m/--model: expected one argument"),
+    ("generate -- m.gguf -p hi", "unrecognized arguments: -p hi"),
+])
+def test_model_errors_with_options_between_the_positionals(line: str, error: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(line)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {error}")
+
+
 def test_quant_names_in_any_case(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse("convert gguf ckpt -o out --quant Q4_K_M Q8_0 --mmproj-quant F16").quant == ["q4_k_m", "q8_0"]
     assert parse("convert gguf ckpt -o out --mmproj-quant Q8_0").mmproj_quant == "q8_0"

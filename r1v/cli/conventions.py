@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any, Callable
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 __all__ = ["HelpFormatter", "Parser", "add_model_positional", "quant_name", "set_epilogs", "subparsers"]
 
@@ -58,12 +60,46 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.checks: list[Check] = []
+        self.intermixed = False  # set by add_model_positional: see _parse_intermixed
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
-        namespace, extras = super().parse_known_args(args, namespace)
+        parse = self._parse_intermixed if self.intermixed else super().parse_known_args
+        namespace, extras = parse(args, namespace)
         for check in self.checks:
             check(namespace, self)
         return namespace, extras
+
+    def _parse_intermixed(self, args: Any, namespace: Any) -> tuple[argparse.Namespace, list[str]]:
+        """The options first, then all positional strings matched together, so options may stand anywhere
+        between them. This is argparse's parse_known_intermixed_args, less its loss of `--` before Python 3.13
+        (`-p hi -- -x.gguf` lost MODEL): what follows the first `--` stays out of the options' pass."""
+        args = list(sys.argv[1:] if args is None else args)
+        cut = args.index("--") if "--" in args else len(args)
+        usage = self.usage
+        self.usage = usage or self.format_usage()[len("usage: "):]  # errors and --help show every positional
+        try:
+            with _swapped(self._get_positional_actions(), nargs=argparse.SUPPRESS, default=argparse.SUPPRESS):
+                namespace, rest = super().parse_known_args(args[:cut], namespace)
+            with _swapped(self._get_optional_actions(), required=False), \
+                    _swapped(self._mutually_exclusive_groups, required=False):  # they were checked in the first pass
+                return super().parse_known_args(rest + args[cut:], namespace)
+        finally:
+            self.usage = usage
+
+
+@contextmanager
+def _swapped(objects: list[Any], **values: Any) -> Iterator[None]:
+    """Set these attributes of each object while the block runs (argparse reads them as it parses)."""
+    saved = [{name: getattr(obj, name) for name in values} for obj in objects]
+    try:
+        for obj in objects:
+            for name, value in values.items():
+                setattr(obj, name, value)
+        yield
+    finally:
+        for obj, old in zip(objects, saved):
+            for name, value in old.items():
+                setattr(obj, name, value)
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -102,6 +138,11 @@ def add_model_positional(parser: argparse.ArgumentParser, help_text: str) -> Non
     parser.add_argument("-m", "--model", dest=_MODEL_OPTION, default=argparse.SUPPRESS, metavar="MODEL",
                         help="MODEL given as an option, as llama.cpp's tools take it")
     parser.checks.append(_one_model)
+    # argparse matches positionals chunk by chunk between options: in `eval MODEL --quant Q DATA` the first chunk
+    # (MODEL alone) would go to DATA, the optional MODEL left empty. Intermixed parsing takes the options out
+    # first, then matches all positionals at once: the first is MODEL unless -m took its place. (A parser with
+    # sub-commands, as the top-level one, could not be parsed so; the ones taking MODEL have none.)
+    parser.intermixed = True
 
 
 def _one_model(args: argparse.Namespace, parser: Parser) -> None:
