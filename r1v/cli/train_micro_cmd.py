@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a run that reaches it stops early and still writes its checkpoint")
     parser.add_argument("--seed", type=int, default=D["seed"], help="initialisation and data seed")
     parser.add_argument("--steps", type=int, default=D["steps"],
-                        help=f"optimizer steps (default {D['steps']}, ~25 min on 2 cores); the schedule spans them")
+                        help=f"optimizer steps (default {D['steps']}, ~60 min on 2 cores); the schedule spans them")
     parser.add_argument("--scenes", type=int, default=D["scenes"], help="scenes (images) per step")
     parser.add_argument("--questions", type=int, default=D["questions"],
                         help="questions per scene (the image is encoded once for all of them)")
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from this checkpoint's weights (same sizes) instead of a fresh initialisation")
     parser.add_argument("--probe-every", type=int, default=D["probe_every"],
                         help="greedy accuracy on a few validation items every N steps while training (0: none)")
+    parser.add_argument("--probe-items", type=int, default=D["probe_items"],
+                        help="validation items each probe scores (default %(default)s)")
     parser.add_argument("--eval-items", type=int, default=D["eval_items"],
                         help="validation items to score greedily after training (0: skip)")
 
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, scenes=args.scenes, questions=args.questions,
                       curriculum_steps=args.curriculum_steps, lr=args.lr, seed=args.seed,
                       minutes=args.minutes, threads=args.threads, eval_items=args.eval_items,
-                      probe_every=args.probe_every, init=args.init)
+                      probe_every=args.probe_every, probe_items=args.probe_items,
+                      init=args.init)
     train(args.output, cfg, log=lambda line: print(line, flush=True))
     return 0

@@ -26,7 +26,7 @@ class MicroSizes:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 9000
     # Many scenes with few questions each: every question about a scene repeats the same reading of it, so
     # more questions per scene add little for the vision side.
     scenes: int = 6  # images per step
@@ -43,10 +43,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
-    minutes: float = 30.0  # wall-time cap of the training loop
+    minutes: float = 120.0  # wall-time cap of the training loop (the budget: two hours on 2 cores)
     threads: int = 2
     log_every: int = 25
-    eval_items: int = 100  # validation items scored greedily after training (0: skip)
-    probe_every: int = 0  # steps between greedy checks on a few validation items while training (0: none)
-    probe_items: int = 24
+    eval_items: int = 200  # validation items scored greedily after training (0: skip)
+    probe_every: int = 750  # steps between greedy checks on validation items while training (0: none)
+    probe_items: int = 100  # the probes are the training curve micro_r1v.json records
     init: str | None = None  # a checkpoint directory to start from instead of a fresh initialisation
