@@ -81,30 +81,77 @@ def build(checkpoint: Path, work: Path, progress: bool) -> dict[str, tuple[Path,
     return formats
 
 
-def measure(checkpoint: Path, work: Path, n: int, progress: bool = True) -> list[Row]:
+class _RememberedReference:
+    """The F16 reference for every row: its greedy answers and log-probabilities depend only on the item, so a
+    worker computes them once, not once per format."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self._answers: dict[str, Any] = {}
+        self._logprobs: dict[tuple[str, tuple[int, ...]], Any] = {}
+
+    def reset(self) -> None:
+        self.model.reset()
+
+    def generate(self, messages: Any, **kwargs: Any) -> Any:
+        key = json.dumps([messages, kwargs], sort_keys=True)
+        if key not in self._answers:
+            self._answers[key] = self.model.generate(messages, **kwargs)
+        return self._answers[key]
+
+    def logprobs(self, messages: Any, tokens: Any) -> Any:
+        key = (json.dumps(messages, sort_keys=True), tuple(tokens))
+        if key not in self._logprobs:
+            self._logprobs[key] = self.model.logprobs(messages, tokens)
+        return self._logprobs[key]
+
+
+_reference: _RememberedReference | None = None
+
+
+def _open_reference(path: str, mmproj: str) -> None:
+    global _reference
+    from r1v.runtime.api import load
+
+    _reference = _RememberedReference(load(path, mmproj=mmproj, n_threads=1, n_threads_batch=1))
+
+
+def _score(name: str, path: str, mmproj: str | None, data: str, work: str) -> Row:
+    """One row, in a worker process (one thread each: this model is too small for llama.cpp's threads to pay,
+    so two workers on two cores measure twice as fast)."""
     from r1v.apps.evaluation import evaluate, read_items
     from r1v.runtime.api import load
+
+    slug = name.lower().replace(" ", "-").replace("+", "plus")
+    options: dict[str, Any] = {"mmproj": mmproj} if mmproj else {}
+    with load(path, n_threads=1, n_threads_batch=1, **options) as model:
+        report = evaluate(model, read_items(data), reference=_reference,
+                          results_path=Path(work) / f"eval-{slug}.items.jsonl",
+                          names={"model": name, "data": data, "reference": "GGUF F16"}, progress=False)
+    return Row(name, report.accuracy, standard_error(report.accuracy, report.total), report.correct,
+               report.total, report.mean_kl, report.top1_agreement, report.mean_output_tokens)
+
+
+def measure(checkpoint: Path, work: Path, n: int, progress: bool = True, workers: int = 2) -> list[Row]:
+    from concurrent.futures import ProcessPoolExecutor
 
     work.mkdir(parents=True, exist_ok=True)
     data = work / "test.jsonl"
     if not data.is_file() or len(data.read_text().splitlines()) != n:
         task.write_items(task.TEST_SEED, n, data)
-    items = read_items(data)
     formats = build(checkpoint, work, progress)
     reference_path, reference_mmproj = formats["GGUF F16"]
-    rows = []
-    with load(reference_path, mmproj=reference_mmproj) as reference:
-        for name, (path, mmproj) in formats.items():
-            slug = name.lower().replace(" ", "-").replace("+", "plus")
-            options = {"mmproj": mmproj} if mmproj else {}
-            with load(path, **options) as model:
-                report = evaluate(model, items, reference=reference, results_path=work / f"eval-{slug}.items.jsonl",
-                                  names={"model": name, "data": str(data), "reference": "GGUF F16"},
-                                  progress=progress)
-            rows.append(Row(name, report.accuracy, standard_error(report.accuracy, report.total), report.correct,
-                            report.total, report.mean_kl, report.top1_agreement, report.mean_output_tokens))
+    with ProcessPoolExecutor(workers, initializer=_open_reference,
+                             initargs=(str(reference_path), str(reference_mmproj))) as pool:
+        futures = {name: pool.submit(_score, name, str(path), str(mmproj) if mmproj else None, str(data), str(work))
+                   for name, (path, mmproj) in formats.items()}
+        rows = []
+        for name, future in futures.items():
+            row = future.result()
+            rows.append(row)
             if progress:
-                print(f"{name}: {report.summary()}", file=sys.stderr, flush=True)
+                print(f"{name}: {row.accuracy:.1%} ± {row.standard_error:.1%}, KL {row.mean_kl}, "
+                      f"top-1 {row.top1_agreement}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -122,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the shipped one)")
     parser.add_argument("--work", required=True, help="folder for the items, builds and results (reused on rerun)")
     parser.add_argument("-n", type=int, default=1000, help="test items (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="formats measured at once (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else model_path()
     work = Path(args.work)
-    rows = measure(checkpoint, work, args.n, progress=not args.no_progress)
+    rows = measure(checkpoint, work, args.n, progress=not args.no_progress, workers=args.workers)
     table: dict[str, Any] = {"checkpoint": str(checkpoint), "items": args.n, "seed": task.TEST_SEED,
                              "rows": [asdict(r) for r in rows]}
     (work / "formats.json").write_text(json.dumps(table, indent=2) + "\n")
