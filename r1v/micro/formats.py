@@ -78,7 +78,17 @@ def build(checkpoint: Path, work: Path, progress: bool) -> dict[str, tuple[Path,
     for q in IMATRIX_QUANTS:
         formats[f"GGUF {q.upper()} + imatrix"] = (gguf_imatrix / llm_file_name("micro-r1v", q), mmproj)
     formats["torch fp32 (checkpoint)"] = (checkpoint, None)
-    return formats
+    return dict(sorted(formats.items(), key=lambda kv: _display_order(kv[0])))
+
+
+def _display_order(name: str) -> tuple[int, int, bool]:
+    """torch first, then the GGUF types from the most bits down (each with its imatrix twin), then AWQ."""
+    if name.startswith("torch"):
+        return (0, 0, False)
+    if name.startswith("GGUF"):
+        quant = name.split()[1].lower()
+        return (1, GGUF_QUANTS.index(quant), name.endswith("imatrix"))
+    return (2, AWQ_METHODS.index(name.split()[-1]), False)
 
 
 class _RememberedReference:
