@@ -238,7 +238,7 @@ def test_a_conversation_on_the_bundled_model(tmp_path):
     thinking = re.compile(r"^(?:thinking…(?: \d+ s)?)+")
     assert thinking.match(first.group(1)) and thinking.match(second.group(1))
     assert b"\r\x1b[K" + question["answer"].encode() + b"\r\n" in term.raw
-    assert thinking.sub("", first.group(1)) == question["answer"] == "1"  # the bundled question, answered right
+    assert thinking.sub("", first.group(1)) == question["answer"] == "2"  # the bundled question, answered right
     assert thinking.sub("", second.group(1)) in {"red", "green", "blue", "yellow"}  # a colour word for a colour
     # The follow-up's prompt holds the first turn (the picture too) and came from the KV cache.
     assert int(second.group(3)) == int(first.group(2)) - 2 and int(second.group(2)) > int(first.group(2))

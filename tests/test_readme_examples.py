@@ -32,15 +32,15 @@ def test_the_multi_turn_example_runs_as_written(capsys):
     out = capsys.readouterr().out
 
     first, last = namespace["result"], namespace["chunk"].result
-    assert first.content == demo_question()["answer"] == "1"  # the bundled question, answered right
+    assert first.content == demo_question()["answer"] == "2"  # the bundled question, answered right
     assert f"{first.reasoning}\n{first.content}\n{first.summary()}\n" in out
     messages = namespace["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
-    assert messages[1] == {"role": "assistant", "content": "1"}
+    assert messages[1] == {"role": "assistant", "content": "2"}
     # The follow-up's prompt holds the picture (once) and the first turn; all of the first prompt but the
     # generation prompt's "<think>\n" came from the KV cache, nothing was evaluated twice.
-    assert last.prompt.count("<image>") == 1 and "How many shapes are green or red?" in last.prompt
-    assert last.prompt.index("<|im_start|>assistant\n1<|im_end|>") < last.prompt.index("And how many are blue?")
+    assert last.prompt.count("<image>") == 1 and "How many shapes are red or green?" in last.prompt
+    assert last.prompt.index("<|im_start|>assistant\n2<|im_end|>") < last.prompt.index("And how many are blue?")
     assert last.prompt_tokens > first.prompt_tokens > 64
     assert last.cached_tokens == first.prompt_tokens - 2
     assert last.finish_reason == "stop" and out.endswith(last.content)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import io
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,21 @@ def _r1v_prompt(model: Any, question: str, image: Any) -> list[Any]:
     return [t for s in prompt.segments for t in (s if isinstance(s, list) else [("image", s.n_positions)])]
 
 
-def test_micro_template_predates_the_fix_and_the_converter_wraps_it(micro_files: tuple[Path, Path]):
+# The chat template micro-r1v checkpoints carried before the media-marker fix (as checkpoints in the wild carry
+# templates that know nothing of llama.cpp's markers): the converter must wrap it.
+TEMPLATE_BEFORE_MEDIA_MARKERS = (Path(__file__).parent / "data" / "chatml-think-before-media-markers.jinja").read_text()
+
+
+def test_a_template_without_media_markers_is_wrapped_and_the_shipped_one_kept(micro_files: tuple[Path, Path]):
     import gguf
 
-    trained_with = (model_path() / "tokenizer_config.json").read_text()
+    from r1v.converters.gguf_vocab import accept_list_content
+
+    assert "<__media" not in TEMPLATE_BEFORE_MEDIA_MARKERS
+    assert accept_list_content(TEMPLATE_BEFORE_MEDIA_MARKERS) == LIST_CONTENT_PREAMBLE + TEMPLATE_BEFORE_MEDIA_MARKERS
+    trained_with = json.loads((model_path() / "tokenizer_config.json").read_text())["chat_template"]
     embedded = gguf.GGUFReader(micro_files[0]).get_field("tokenizer.chat_template").contents()
-    assert "<__media" not in trained_with  # the frozen template knows nothing of media markers
-    assert embedded.startswith(LIST_CONTENT_PREAMBLE)
+    assert trained_with == chat_template("chatml-think") == embedded  # retrained with the fixed one: kept as is
 
 
 def test_stock_handler_prompt_is_r1v_prompt_token_for_token(stock, ours, micro_files: tuple[Path, Path]):
@@ -278,15 +287,15 @@ def llama_jinja(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["chatml-think", "deepseek-r1-think", "micro-r1v (wrapped)"])
+@pytest.mark.parametrize("name", ["chatml-think", "deepseek-r1-think", "an older template (wrapped)"])
 def test_llama_cpp_jinja_engine_renders_like_r1v(name: str, llama_jinja: Path, tmp_path: Path):
     import json
     import subprocess
 
     from r1v.converters.gguf_vocab import accept_list_content
 
-    if name.startswith("micro"):
-        template = accept_list_content(json.loads((model_path() / "tokenizer_config.json").read_text())["chat_template"])
+    if name.endswith("(wrapped)"):
+        template = accept_list_content(TEMPLATE_BEFORE_MEDIA_MARKERS)
     else:
         template = chat_template(name)
     (tmp_path / "t.jinja").write_text(template)
