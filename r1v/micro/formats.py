@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ def _score(name: str, path: str, mmproj: str | None, data: str, work: str) -> Ro
     from r1v.apps.evaluation import evaluate, read_items
     from r1v.runtime.api import load
 
-    slug = name.lower().replace(" ", "-").replace("+", "plus")
+    slug = re.sub(r"[^a-z0-9_]+", "-", name.lower().replace("+", " plus ")).strip("-")
     options: dict[str, Any] = {"mmproj": mmproj} if mmproj else {}
     with load(path, n_threads=1, n_threads_batch=1, **options) as model:
         report = evaluate(model, read_items(data), reference=_reference,
