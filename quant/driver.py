@@ -60,14 +60,14 @@ from r1v.runtime.model.vision import VisionEmbeddings, VisionLayer
 from .awq import QWEN2_TABLE, quantize_layer_awq
 from .calibration import CalibrationBatch, CalibrationItem, build_calibration_batch, builtin_calibration, \
     calibration_fingerprint, load_calibration
-from .imatrix import Imatrix
+from .imatrix import IMATRIX_POSITIONS, Imatrix
 from .methods import DEFAULT_METHOD, METHOD_STEPS, METHODS
 from .pack import PACK, pack_awq
 from .rtn import check_groupable, quantize_rtn
 
 VISION_MODES = ("fp16", "int4")  # what a checkpoint can hold for vLLM and transformers (int8: load time only)
 STATE_FILE = "state.json"
-STATE_VERSION = 2  # 2: the hidden-state parts carry the imatrix's text-position mask
+STATE_VERSION = 3  # 3: the hidden-state parts carry the mask of the positions the imatrix counts
 WORK_KEY_CHARS = 16  # hex digits of the run's key in its work directory's name
 _HEX = frozenset("0123456789abcdef")
 LLM = "language_model.model."
@@ -103,13 +103,16 @@ def quantize_checkpoint_awq(
     method: str = DEFAULT_METHOD,
     device: str = "cpu",
     imatrix_out: str | Path | None = None,
+    imatrix_positions: str = "all",
     progress: bool = True,
 ) -> AWQResult:
     """Quantize `checkpoint` into the AutoAWQ GEMM checkpoint directory `outdir` (see the module doc).
 
     `calib`: None for the built-in set, a JSONL path, or CalibrationItems. `imatrix_out`: also write the LLM
-    linears' activation statistics as a llama.cpp importance matrix (for `r1v convert gguf --imatrix`)."""
-    opts = _Options.check(group_size, bits, vision, n_samples, seq_len, method, device)
+    linears' activation statistics as a llama.cpp importance matrix (for `r1v convert gguf --imatrix`), counting
+    `imatrix_positions` of the calibration windows: "all" (image tokens too), or "text" (their context still
+    holds the image). "all" measured best on micro-r1v (quant/imatrix.py, README "The importance matrix")."""
+    opts = _Options.check(group_size, bits, vision, n_samples, seq_len, method, device, imatrix_positions)
     out = Path(outdir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"{out}: already exists and is not empty; choose a new OUTDIR or remove it")
@@ -183,16 +186,20 @@ class _Options:
     seq_len: int
     method: str
     device: str
+    imatrix_positions: str
 
     @classmethod
     def check(cls, group_size: int, bits: int, vision: str, n_samples: int, seq_len: int, method: str,
-              device: str) -> _Options:
+              device: str, imatrix_positions: str = "all") -> _Options:
         if vision == "int8":
             raise ConversionError(f"vision='int8' (--vision int8) is {INT8_VISION_REFUSED}")
         if vision not in VISION_MODES:
             raise ConversionError(f"unknown vision mode {vision!r}; choose from {', '.join(VISION_MODES)}")
         if method not in METHODS:
             raise ConversionError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if imatrix_positions not in IMATRIX_POSITIONS:
+            raise ConversionError(f"unknown imatrix_positions {imatrix_positions!r}; choose from "
+                                  f"{', '.join(IMATRIX_POSITIONS)}")
         if bits != 4:
             raise ConversionError(f"bits={bits}: the AutoAWQ GEMM layout holds 4-bit weights only")
         if group_size < 1:
@@ -207,7 +214,7 @@ class _Options:
             raise ConversionError(f"device {device!r}: choose cpu or cuda")
         if kind == "cuda" and not torch.cuda.is_available():
             raise ConversionError("device cuda was asked for, but torch sees no CUDA device")
-        return cls(group_size, bits, vision, n_samples, seq_len, method, device)
+        return cls(group_size, bits, vision, n_samples, seq_len, method, device, imatrix_positions)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -235,7 +242,7 @@ class _Run:
         self.key = self._key()
         self.work = out.parent / f".{out.name}.partial-{self.key[:WORK_KEY_CHARS]}"
         self.seconds: dict[str, float] = {}
-        self.text_positions: torch.Tensor | None = None  # bool [windows, seq_len]: what the imatrix counts
+        self.counted: torch.Tensor | None = None  # bool [windows, seq_len]: the positions the imatrix counts
 
     def _key(self) -> str:
         from r1v import __version__
@@ -300,7 +307,8 @@ class _Run:
         static_parts = self._write_static_parts()
         self.seconds["static_parts"] = round(time.perf_counter() - clock, 3)
         imatrix = Imatrix(chunk_size=self.opts.seq_len, chunks=self.opts.n_samples,
-                          datasets=[f"r1v calibration {self.fingerprint[:12]}"])
+                          datasets=[f"r1v calibration {self.fingerprint[:12]}, "
+                                    f"{self.opts.imatrix_positions} positions"])
         if start < 0:
             hidden, calibration = self._calibrate(imatrix)
             start = 0
@@ -342,9 +350,8 @@ class _Run:
                  f"{batch.stats['images']} image places ({batch.stats['distinct_images']} distinct images, "
                  f"{batch.stats['tiles']} tiles to encode; {batch.stats['image_tokens']} image tokens)")
         hidden = embed_calibration_batch(self.ckpt, batch, self.device, self.dtype, progress=self.progress)
-        # The imatrix counts text positions only (their context keeps the image): on micro-r1v this beat all
-        # positions and text without images (quant/imatrix.py, tests/test_imatrix_choice.py).
-        self.text_positions = torch.from_numpy(batch.input_ids != batch.image_token_id)
+        text = torch.from_numpy(batch.input_ids != batch.image_token_id)
+        self.counted = text if self.opts.imatrix_positions == "text" else torch.ones_like(text)
         self.seconds["calibration"] = round(time.perf_counter() - clock, 3)
         self._save_hidden(0, hidden, imatrix, calibration)
         return hidden, calibration
@@ -379,7 +386,7 @@ class _Run:
     def _save_hidden(self, layer: int, hidden: torch.Tensor, imatrix: Imatrix, calibration: dict[str, int]) -> None:
         tensors = [array_tensor("hidden", hidden.cpu().numpy())]
         tensors += [array_tensor(f"imatrix/{name}", imatrix.sums[name]) for name in sorted(imatrix.sums)]
-        tensors.append(array_tensor("imatrix_text_positions", self.text_positions.numpy().astype(np.uint8)))
+        tensors.append(array_tensor("imatrix_counted", self.counted.numpy().astype(np.uint8)))
         meta = {"imatrix_counts": json.dumps(imatrix.counts, sort_keys=True),
                 "calibration": json.dumps(calibration, sort_keys=True)}
         write_part(self.work / _hidden_name(layer), tensors, meta)
@@ -390,7 +397,7 @@ class _Run:
         imatrix.counts.update(json.loads(meta["imatrix_counts"]))
         for name in imatrix.counts:
             imatrix.sums[name] = arrays[f"imatrix/{name}"]
-        self.text_positions = torch.from_numpy(arrays["imatrix_text_positions"].astype(bool))
+        self.counted = torch.from_numpy(arrays["imatrix_counted"].astype(bool))
         return torch.from_numpy(arrays["hidden"]).to(self.device), json.loads(meta["calibration"])
 
     # -- one decoder layer
@@ -402,7 +409,7 @@ class _Run:
                             self.dtype)
         kwargs = {"cos": cos, "sin": sin, "cache": None}
         rows = max(1, _CHUNK_ELEMENTS // (hidden.shape[1] * self.cfg.llm.intermediate_size))
-        with imatrix.recording(layer, prefix=f"model.layers.{i}.", n_blocks=self.n_layers, keep=self.text_positions):
+        with imatrix.recording(layer, prefix=f"model.layers.{i}.", n_blocks=self.n_layers, keep=self.counted):
             for s in range(0, hidden.shape[0], rows):
                 layer(hidden[s:s + rows], **kwargs)
         quantized = quantize_layer_awq(layer, hidden, kwargs, self.opts.group_size, self.opts.bits,
@@ -431,7 +438,7 @@ class _Run:
         norm = load_module(self.ckpt, lambda: RMSNorm(self.cfg.llm.hidden_size, self.cfg.llm.rms_norm_eps),
                            f"{LLM}norm.", self.device, self.dtype)
         for s in range(0, hidden.shape[0], 8):
-            imatrix.add("output.weight", norm(hidden[s:s + 8])[self.text_positions[s:s + 8].to(hidden.device)])
+            imatrix.add("output.weight", norm(hidden[s:s + 8])[self.counted[s:s + 8].to(hidden.device)])
 
     # -- everything that is not a decoder layer
     def _write_static_parts(self) -> list[Path]:

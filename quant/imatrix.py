@@ -13,10 +13,12 @@ F32 tensors `<name>.in_sum2` [1, n_in] and `<name>.counts` [1, 1].
 
 Differences from the tool, on purpose: sums are kept in float64 until written (the tool adds in float32),
 and every recorded batch counts (the tool ignores matmuls with fewer than 16 rows, i.e. its decode steps).
-The tool sees text only; `recording(keep=...)` counts chosen positions of multimodal windows (the AWQ driver:
-the text positions, whose context still holds the image). Measured on micro-r1v (200 test items, Q2_K):
-text positions only gave a per-item KL (geometric mean) 21% below counting every position and 13% below the
-same text without its images (what the tool would see); Q3_K_S was a tie (README, micro-r1v format table).
+The tool sees text only; `recording(keep=...)` counts chosen positions of multimodal windows (the AWQ driver's
+`imatrix_positions`: every position, the default, or the text positions, whose context still holds the image).
+Measured on micro-r1v (1,000 test items; README "The importance matrix", `python -m r1v.micro.imatrix_choice`):
+counting every position gave Q3_K_S a mean KL 0.67x the text positions' and 0.70x the same text without its
+images (what the tool would see), and Q4_K_M the lowest geometric-mean KL; on Q2_K the text matrices were
+ahead by 9-13% in geometric mean with the mean KL tied.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ from typing import Any
 import gguf
 import numpy as np
 
+# Which positions of multimodal calibration windows the AWQ driver's imatrix counts: every one (the default,
+# image tokens included) or the text tokens only (their context still holds the image).
+IMATRIX_POSITIONS = ("all", "text")
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
 LLM_PREFIX = "language_model."  # where the Qwen2 LLM sits in an InternVL-chat checkpoint

@@ -527,9 +527,10 @@ def test_cli_end_to_end(ckpt, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "r1v", "convert", "awq", str(ckpt), "-o", str(out), "--calib", str(calib),
          "--group-size", "64", "--n-samples", "4", "--seq-len", "64", "--vision", "fp16",
-         "--imatrix-out", str(tmp_path / "imatrix.gguf"), "--no-progress"],
+         "--imatrix-out", str(tmp_path / "imatrix.gguf"), "--imatrix-positions", "text", "--no-progress"],
         capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr
+    assert Imatrix.load(tmp_path / "imatrix.gguf").datasets[0].endswith(", text positions")
     assert str(out) in result.stdout and "imatrix.gguf" in result.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["group_size"] == 64 and config["r1v_quantization"]["vision"]["mode"] == "fp16"

@@ -1,6 +1,7 @@
-"""Which positions the importance matrix counts: `r1v convert awq --imatrix-out` records the text positions of
-the calibration windows only (their context still holds the image), the choice measured best on micro-r1v
-(quant/imatrix.py module doc, README "The importance matrix")."""
+"""Which positions the importance matrix counts: `r1v convert awq --imatrix-out` records every position of the
+calibration windows (image tokens too; the choice measured best on micro-r1v, quant/imatrix.py module doc,
+README "The importance matrix"), or with `--imatrix-positions text` the text positions only (their context
+still holds the image)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from r1v.converters.checkpoint import open_checkpoint
+from r1v.converters.gguf_common import ConversionError
 from r1v.quant.calibration import build_calibration_batch, builtin_calibration
 from r1v.quant.driver import LLM, embed_calibration_batch, load_module, quantize_checkpoint_awq
 from r1v.quant.imatrix import Imatrix
@@ -48,12 +50,20 @@ def test_a_mask_that_does_not_cover_the_inputs_is_refused():
             block.self_attn.q_proj(torch.zeros(1, 5, 8))
 
 
+def test_an_unknown_positions_choice_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ConversionError, match=r"unknown imatrix_positions 'image'; choose from all, text"):
+        quantize_checkpoint_awq(tmp_path / "missing", tmp_path / "out", imatrix_positions="image", **RUN)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
-def test_awq_imatrix_out_counts_the_text_positions_of_the_windows(tmp_path):
+@pytest.mark.parametrize("positions", [None, "all", "text"])
+def test_awq_imatrix_out_counts_the_chosen_positions_of_the_windows(tmp_path, positions):
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", vit="6b", seed=0, **SIZES)
     items = builtin_calibration(n_images=4, n_reasoning=2)
     path = tmp_path / "imatrix.gguf"
-    result = quantize_checkpoint_awq(ckpt, tmp_path / "out", calib=items, imatrix_out=path, **RUN)
+    chosen = {} if positions is None else {"imatrix_positions": positions}  # None: the default
+    result = quantize_checkpoint_awq(ckpt, tmp_path / "out", calib=items, imatrix_out=path, **RUN, **chosen)
     imatrix = Imatrix.load(path)
 
     # The first layer's inputs, recomputed: the calibration windows' embeddings through input_layernorm.
@@ -67,9 +77,11 @@ def test_awq_imatrix_out_counts_the_text_positions_of_the_windows(tmp_path):
     with torch.no_grad():
         x = norm(embed_calibration_batch(opened, batch)).double().numpy()
 
-    assert set(imatrix.counts.values()) == {int(text.sum())}
+    counted = text if positions == "text" else np.ones_like(text)
+    assert set(imatrix.counts.values()) == {int(counted.sum())}
     assert imatrix.chunk_count == RUN["n_samples"] and imatrix.chunk_size == RUN["seq_len"]
-    expected = (x[text] ** 2).sum(0)
+    assert imatrix.datasets[0].endswith(f", {positions or 'all'} positions")
+    expected = (x[counted] ** 2).sum(0)
     np.testing.assert_allclose(imatrix.sums["blk.0.attn_q.weight"], expected, rtol=1e-5)
-    everywhere = (x.reshape(-1, x.shape[-1]) ** 2).sum(0)  # what the recording counted before
-    assert not np.allclose(imatrix.sums["blk.0.attn_q.weight"], everywhere, rtol=1e-2)
+    other = (x.reshape(-1, x.shape[-1]) ** 2).sum(0) if positions == "text" else (x[text] ** 2).sum(0)
+    assert not np.allclose(imatrix.sums["blk.0.attn_q.weight"], other, rtol=1e-2)

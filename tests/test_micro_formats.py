@@ -3,8 +3,10 @@ reference. (The whole measurement builds a dozen formats and takes tens of minut
 figures are in README.md.)"""
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 
 from r1v.micro import formats
@@ -53,3 +55,40 @@ def test_the_reference_answers_each_item_once_for_all_formats():
     ref.generate(a, temperature=0, max_tokens=9)  # other settings: another answer
     ref.logprobs(a, [1, 2, 3])
     assert model.calls == {"generate": 3, "logprobs": 2, "reset": 3}
+
+
+def _write_items(work, name, kl_by_id):
+    lines = ['{"r1v_eval_results": 1}'] + [json.dumps({"id": k, "kl": v}) for k, v in kl_by_id.items()]
+    formats.results_path(work, name).write_text("\n".join(lines) + "\n")
+
+
+def test_imatrix_choice_pairs_items_and_counts_ties_half(tmp_path):
+    from r1v.micro import imatrix_choice
+
+    kl = {"text positions": [1.0, 2.0, 3.0, 4.0], "every position": [2.0, 2.0, 4.0, 8.0],
+          "text without images": [1.0, 1.0, 1.0, 1.0], "no imatrix": [4.0, 4.0, 4.0, 4.0]}
+    for quant in formats.IMATRIX_QUANTS:
+        for variant, values in kl.items():
+            name = f"GGUF {quant.upper()}" if variant == "no imatrix" else f"GGUF {quant.upper()} + imatrix, {variant}"
+            _write_items(tmp_path, name, {f"item-{i}": v for i, v in enumerate(values)} | {"unscored": None})
+    found = {(p.quant, p.variant, p.versus): p for p in imatrix_choice.pairs(tmp_path)}
+    assert len(found) == 3 * 6
+    p = found[("Q2_K", "every position", "text positions")]
+    assert p.kl_ratio == pytest.approx(16 / 10) and p.lower_on == pytest.approx(0.5 / 4)
+    d = np.array([1.0, 0.0, 1.0, 4.0])
+    assert p.mean_difference == pytest.approx(d.mean())
+    assert p.difference_standard_error == pytest.approx(d.std(ddof=1) / 2)
+    assert found[("Q4_K_M", "text without images", "no imatrix")].lower_on == 1.0
+    assert p.geometric_ratio == pytest.approx(math.exp(np.mean(np.log([2.0, 1.0, 4 / 3, 2.0]))))
+    assert p.log_ratio_standard_error == pytest.approx(np.std(np.log([2.0, 1.0, 4 / 3, 2.0]), ddof=1) / 2)
+    table = imatrix_choice.pairs_markdown(list(found.values())).splitlines()
+    assert table[2] == ("| Q4_K_M | every position | text positions | 1.60 | +1.5e+00 ± 8.7e-01 | 1.52 (± 0.169) "
+                        "| 12% |")
+
+    rows = [formats.Row(name, 0.5, 0.0, 1, 2, float(np.mean(kl[variant])), 1.0, 1.0)
+            for quant in formats.IMATRIX_QUANTS for variant, name in imatrix_choice._names(quant).items()]
+    summary = imatrix_choice.summary_markdown(tmp_path, rows).splitlines()
+    assert summary[0] == ("| KL to F16: mean / geometric mean (accuracy) | no imatrix | every position | "
+                          "text positions | text without images |")
+    assert summary[2] == ("| Q4_K_M | 4.0e+00 / 4.00e+00 (50.0%) | 4.0e+00 / 3.36e+00 (50.0%) | "
+                          "2.5e+00 / 2.21e+00 (50.0%) | 1.0e+00 / 1.00e+00 (50.0%) |")

@@ -8,8 +8,12 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import NAME, model_path
+
+if TYPE_CHECKING:
+    from r1v.quant.calibration import CalibrationItem
 
 GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
 QUANTS = (*GGUF_QUANTS, "awq")
@@ -63,7 +67,7 @@ def _announce(progress: bool, what: str, out: Path) -> None:
               flush=True)
 
 
-def calibration_items() -> list:  # -> list[CalibrationItem]
+def calibration_items() -> list[CalibrationItem]:
     """The AWQ calibration of micro-r1v: training-split task items, questions with their reasoning answers."""
     from r1v.quant.calibration import CalibrationItem
 

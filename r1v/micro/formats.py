@@ -60,7 +60,7 @@ def build(checkpoint: Path, work: Path, progress: bool) -> dict[str, tuple[Path,
                      progress=progress)
     formats: dict[str, tuple[Path, Path | None]] = {
         f"GGUF {q.upper()}": (gguf / llm_file_name("micro-r1v", q), mmproj) for q in GGUF_QUANTS}
-    imatrix = work / "imatrix.dat"
+    imatrix = work / "imatrix.gguf"
     items = None
     for method in AWQ_METHODS:
         out = work / f"awq-{method.replace('+', '-')}"
@@ -127,17 +127,22 @@ def _open_reference(path: str, mmproj: str) -> None:
     _reference = _RememberedReference(load(path, mmproj=mmproj, n_threads=1, n_threads_batch=1))
 
 
+def results_path(work: Path, name: str) -> Path:
+    """Where the row `name` keeps its per-item results (a file-safe form of the name)."""
+    slug = re.sub(r"[^a-z0-9_]+", "-", name.lower().replace("+", " plus ")).strip("-")
+    return work / f"eval-{slug}.items.jsonl"
+
+
 def _score(name: str, path: str, mmproj: str | None, data: str, work: str) -> Row:
     """One row, in a worker process (one thread each: this model is too small for llama.cpp's threads to pay,
     so two workers on two cores measure twice as fast)."""
     from r1v.apps.evaluation import evaluate, read_items
     from r1v.runtime.api import load
 
-    slug = re.sub(r"[^a-z0-9_]+", "-", name.lower().replace("+", " plus ")).strip("-")
     options: dict[str, Any] = {"mmproj": mmproj} if mmproj else {}
     with load(path, n_threads=1, n_threads_batch=1, **options) as model:
         report = evaluate(model, read_items(data), reference=_reference,
-                          results_path=Path(work) / f"eval-{slug}.items.jsonl",
+                          results_path=results_path(Path(work), name),
                           names={"model": name, "data": data, "reference": "GGUF F16"}, progress=False)
     return Row(name, report.accuracy, standard_error(report.accuracy, report.total), report.correct,
                report.total, report.mean_kl, report.top1_agreement, report.mean_output_tokens)

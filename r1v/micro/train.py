@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from r1v.runtime.model import R1VModel, apply_rope
 from . import task
 from .build import build_micro_tokenizer, encode, micro_config, prompt_text, special_ids, write_checkpoint
 from .settings import MicroSizes, TrainConfig
+
+if TYPE_CHECKING:
+    from .evaluate import Score
 
 
 def data_seed(run_seed: int, k: int) -> int:
@@ -210,7 +213,7 @@ def loss_fn(model: R1VModel, batch: Packed) -> torch.Tensor:
     return F.cross_entropy(logits, batch.ids[:, 1:][predict])
 
 
-def probe(model: R1VModel, tokenizer: Any, n: int) -> Any:
+def probe(model: R1VModel, tokenizer: Any, n: int) -> Score:
     """Greedy `evaluate.Score` on the first n validation items, mid-training (the model is put back in train
     mode)."""
     from .evaluate import evaluate
