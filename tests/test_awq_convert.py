@@ -391,8 +391,8 @@ def test_imatrix_holds_every_llm_linear_under_its_gguf_name(ckpt, awq_out):
                 for lin in QWEN2_TABLE.linears} | {"output.weight"}
     assert set(imatrix.sums) == expected
     calibration = json.loads((awq_out / "config.json").read_text())["r1v_quantization"]["calibration"]
-    image_tokens = calibration["image_tokens"]
-    assert set(imatrix.counts.values()) == {RUN["n_samples"] * RUN["seq_len"] - image_tokens}  # text positions
+    assert calibration["image_tokens"] > 0
+    assert set(imatrix.counts.values()) == {RUN["n_samples"] * RUN["seq_len"]}  # every position, images too
     assert imatrix.chunk_size == RUN["seq_len"] and imatrix.chunk_count == RUN["n_samples"]
     assert imatrix.sums["blk.0.ffn_down.weight"].shape == (512,)
     entries, _ = read_imatrix(path)  # what `r1v convert gguf --imatrix` hands llama.cpp
