@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import model_path, task
 
@@ -148,15 +148,21 @@ def _score(name: str, path: str, mmproj: str | None, data: str, work: str) -> Ro
                report.total, report.mean_kl, report.top1_agreement, report.mean_output_tokens)
 
 
-def measure(checkpoint: Path, work: Path, n: int, progress: bool = True, workers: int = 2) -> list[Row]:
+Builder = Callable[[Path, Path, bool], dict[str, tuple[Path, Path | None]]]
+
+
+def measure(checkpoint: Path, work: Path, n: int, progress: bool = True, workers: int = 2,
+            builder: Builder | None = None, score_reference: bool = True) -> list[Row]:
+    """Score every format `builder` (default: `build`) makes, each against its "GGUF F16" (a row of its own
+    unless `score_reference` is False)."""
     from concurrent.futures import ProcessPoolExecutor
 
     work.mkdir(parents=True, exist_ok=True)
     data = work / "test.jsonl"
     if not data.is_file() or len(data.read_text().splitlines()) != n:
         task.write_items(task.TEST_SEED, n, data)
-    formats = build(checkpoint, work, progress)
-    reference_path, reference_mmproj = formats["GGUF F16"]
+    formats = (builder or build)(checkpoint, work, progress)
+    reference_path, reference_mmproj = formats["GGUF F16"] if score_reference else formats.pop("GGUF F16")
     with ProcessPoolExecutor(workers, initializer=_open_reference,
                              initargs=(str(reference_path), str(reference_mmproj))) as pool:
         futures = {name: pool.submit(_score, name, str(path), str(mmproj) if mmproj else None, str(data), str(work))
@@ -180,13 +186,19 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m r1v.micro.formats", description=__doc__.split("\n\n")[0])
+def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options this tool and its kin (`r1v.micro.imatrix_choice`) share."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the shipped one)")
     parser.add_argument("--work", required=True, help="folder for the items, builds and results (reused on rerun)")
     parser.add_argument("-n", type=int, default=1000, help="test items (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="formats measured at once (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argument_parser("python -m r1v.micro.formats", __doc__)
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else model_path()
     work = Path(args.work)

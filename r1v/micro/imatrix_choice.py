@@ -16,17 +16,15 @@ items as `r1v.micro.formats` against the F16 GGUF; per-item KL is compared in pa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import model_path, task
-from .formats import IMATRIX_QUANTS, Row, _open_reference, _score, markdown, results_path
+from .formats import IMATRIX_QUANTS, Row, argument_parser, markdown, measure, results_path
 
 VARIANTS = ("every position", "text positions", "text without images")
 
@@ -154,38 +152,13 @@ def pairs_markdown(found: list[Pair]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure(checkpoint: Path, work: Path, n: int, progress: bool = True, workers: int = 2) -> list[Row]:
-    from concurrent.futures import ProcessPoolExecutor
-
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / "test.jsonl"
-    if not data.is_file() or len(data.read_text().splitlines()) != n:
-        task.write_items(task.TEST_SEED, n, data)
-    formats = build(checkpoint, work, progress)
-    reference_path, reference_mmproj = formats.pop("GGUF F16")
-    with ProcessPoolExecutor(workers, initializer=_open_reference,
-                             initargs=(str(reference_path), str(reference_mmproj))) as pool:
-        futures = {name: pool.submit(_score, name, str(path), str(mmproj), str(data), str(work))
-                   for name, (path, mmproj) in formats.items()}
-        rows = []
-        for name, future in futures.items():
-            rows.append(future.result())
-            if progress:
-                print(f"{name}: {rows[-1].accuracy:.1%}, KL {rows[-1].mean_kl}", file=sys.stderr, flush=True)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m r1v.micro.imatrix_choice", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the shipped one)")
-    parser.add_argument("--work", required=True, help="folder for the items, builds and results (reused on rerun)")
-    parser.add_argument("-n", type=int, default=1000, help="test items (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="formats measured at once (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser = argument_parser("python -m r1v.micro.imatrix_choice", __doc__)
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else model_path()
     work = Path(args.work)
-    rows = measure(checkpoint, work, args.n, progress=not args.no_progress, workers=args.workers)
+    rows = measure(checkpoint, work, args.n, progress=not args.no_progress, workers=args.workers, builder=build,
+                   score_reference=False)
     found = pairs(work)
     result = {"checkpoint": str(checkpoint), "items": args.n, "seed": task.TEST_SEED,
               "rows": [asdict(r) for r in rows], "pairs": [asdict(p) for p in found]}
