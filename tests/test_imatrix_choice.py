@@ -85,3 +85,14 @@ def test_awq_imatrix_out_counts_the_chosen_positions_of_the_windows(tmp_path, po
     np.testing.assert_allclose(imatrix.sums["blk.0.attn_q.weight"], expected, rtol=1e-5)
     other = (x.reshape(-1, x.shape[-1]) ** 2).sum(0) if positions == "text" else (x[text] ** 2).sum(0)
     assert not np.allclose(imatrix.sums["blk.0.attn_q.weight"], other, rtol=1e-2)
+
+
+def test_cli_refuses_positions_without_an_imatrix_to_count_them(tmp_path, capsys):
+    from r1v.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "awq", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"), "--imatrix-positions", "text"])
+    assert exit_info.value.code == 2
+    assert "--imatrix-positions says which positions --imatrix-out counts: give --imatrix-out FILE too" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

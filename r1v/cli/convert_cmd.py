@@ -62,12 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "round-to-nearest, the baseline); every method writes the same AutoAWQ GEMM layout")
     awq.add_argument("--imatrix-out", type=Path, default=None,
                      help="also write the activation statistics as a llama.cpp imatrix (for convert gguf --imatrix)")
-    awq.add_argument("--imatrix-positions", default=IMATRIX_POSITIONS[0], choices=IMATRIX_POSITIONS,
+    awq.add_argument("--imatrix-positions", default=None, choices=IMATRIX_POSITIONS,
                      help="which positions of the calibration windows the imatrix counts: all (image tokens too; "
                           "the default, measured best on micro-r1v) or text (the text tokens only)")
     awq.add_argument("--device", default="cpu", help="cpu or cuda (fp16 on CUDA, fp32 on CPU)")
     awq.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     awq.set_defaults(_run=run_awq)
+    awq.checks.append(_positions_need_an_imatrix)
+
+
+def _positions_need_an_imatrix(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--imatrix-positions only says what --imatrix-out counts: alone it would do nothing, silently."""
+    if args.imatrix_positions is not None and args.imatrix_out is None:
+        parser.error("--imatrix-positions says which positions --imatrix-out counts: give --imatrix-out FILE too")
 
 
 def _vision_mode(value: str) -> str:
@@ -89,7 +96,7 @@ def run_awq(args: argparse.Namespace) -> int:
     result = quantize_checkpoint_awq(
         args.checkpoint, args.outdir, calib=args.calib, group_size=args.group_size, vision=args.vision,
         n_samples=args.n_samples, seq_len=args.seq_len, method=args.method, device=args.device,
-        imatrix_out=args.imatrix_out, imatrix_positions=args.imatrix_positions, progress=args.progress,
+        imatrix_out=args.imatrix_out, imatrix_positions=args.imatrix_positions or "all", progress=args.progress,
     )
     size = sum(f.stat().st_size for f in result.files)
     resumed = f", resumed at layer {result.resumed_from}" if result.resumed_from else ""
