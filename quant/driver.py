@@ -60,7 +60,7 @@ from r1v.runtime.model.vision import VisionEmbeddings, VisionLayer
 from .awq import QWEN2_TABLE, quantize_layer_awq
 from .calibration import CalibrationBatch, CalibrationItem, build_calibration_batch, builtin_calibration, \
     calibration_fingerprint, load_calibration
-from .imatrix import IMATRIX_POSITIONS, Imatrix
+from .imatrix import DEFAULT_IMATRIX_POSITIONS, IMATRIX_POSITIONS, Imatrix
 from .methods import DEFAULT_METHOD, METHOD_STEPS, METHODS
 from .pack import PACK, pack_awq
 from .rtn import check_groupable, quantize_rtn
@@ -103,7 +103,7 @@ def quantize_checkpoint_awq(
     method: str = DEFAULT_METHOD,
     device: str = "cpu",
     imatrix_out: str | Path | None = None,
-    imatrix_positions: str = "all",
+    imatrix_positions: str = DEFAULT_IMATRIX_POSITIONS,
     progress: bool = True,
 ) -> AWQResult:
     """Quantize `checkpoint` into the AutoAWQ GEMM checkpoint directory `outdir` (see the module doc).
@@ -190,7 +190,7 @@ class _Options:
 
     @classmethod
     def check(cls, group_size: int, bits: int, vision: str, n_samples: int, seq_len: int, method: str,
-              device: str, imatrix_positions: str = "all") -> _Options:
+              device: str, imatrix_positions: str) -> _Options:
         if vision == "int8":
             raise ConversionError(f"vision='int8' (--vision int8) is {INT8_VISION_REFUSED}")
         if vision not in VISION_MODES:

@@ -36,6 +36,7 @@ import numpy as np
 # Which positions of multimodal calibration windows the AWQ driver's imatrix counts: every one (the default,
 # image tokens included) or the text tokens only (their context still holds the image).
 IMATRIX_POSITIONS = ("all", "text")
+DEFAULT_IMATRIX_POSITIONS = "all"
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
 LLM_PREFIX = "language_model."  # where the Qwen2 LLM sits in an InternVL-chat checkpoint

@@ -69,9 +69,10 @@ def test_imatrix_choice_pairs_items_and_counts_ties_half(tmp_path):
           "text without images": [1.0, 1.0, 1.0, 1.0], "no imatrix": [4.0, 4.0, 4.0, 4.0]}
     for quant in formats.IMATRIX_QUANTS:
         for variant, values in kl.items():
-            name = f"GGUF {quant.upper()}" if variant == "no imatrix" else f"GGUF {quant.upper()} + imatrix, {variant}"
-            _write_items(tmp_path, name, {f"item-{i}": v for i, v in enumerate(values)} | {"unscored": None})
-    found = {(p.quant, p.variant, p.versus): p for p in imatrix_choice.pairs(tmp_path)}
+            by_id = {f"item-{i}": v for i, v in enumerate(values)} | {"unscored": None}
+            _write_items(tmp_path, imatrix_choice._row_name(quant, variant), by_id)
+    kls = imatrix_choice.item_kls(tmp_path)
+    found = {(p.quant, p.variant, p.versus): p for p in imatrix_choice.pairs(kls)}
     assert len(found) == 3 * 6
     p = found[("Q2_K", "every position", "text positions")]
     assert p.kl_ratio == pytest.approx(16 / 10) and p.lower_on == pytest.approx(0.5 / 4)
@@ -85,10 +86,22 @@ def test_imatrix_choice_pairs_items_and_counts_ties_half(tmp_path):
     assert table[2] == ("| Q4_K_M | every position | text positions | 1.60 | +1.5e+00 ± 8.7e-01 | 1.52 (± 0.169) "
                         "| 12% |")
 
-    rows = [formats.Row(name, 0.5, 0.0, 1, 2, float(np.mean(kl[variant])), 1.0, 1.0)
-            for quant in formats.IMATRIX_QUANTS for variant, name in imatrix_choice._names(quant).items()]
-    summary = imatrix_choice.summary_markdown(tmp_path, rows).splitlines()
+    rows = [formats.Row(imatrix_choice._row_name(quant, variant), 0.5, 0.0, 1, 2, float(np.mean(kl[variant])), 1.0, 1.0)
+            for quant in formats.IMATRIX_QUANTS for variant in imatrix_choice.MATRICES]
+    summary = imatrix_choice.summary_markdown(kls, rows).splitlines()
     assert summary[0] == ("| KL to F16: mean / geometric mean (accuracy) | no imatrix | every position | "
                           "text positions | text without images |")
     assert summary[2] == ("| Q4_K_M | 4.0e+00 / 4.00e+00 (50.0%) | 4.0e+00 / 3.36e+00 (50.0%) | "
                           "2.5e+00 / 2.21e+00 (50.0%) | 1.0e+00 / 1.00e+00 (50.0%) |")
+
+
+@pytest.mark.parametrize("tool", ["formats", "imatrix_choice"])
+def test_a_folder_that_is_no_checkpoint_is_refused_before_any_work(tmp_path, capsys, tool):
+    import importlib
+
+    main = importlib.import_module(f"r1v.micro.{tool}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nothing"), "--work", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    assert f"{tmp_path / 'nothing'}: not a checkpoint directory (no config.json)" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -14,7 +14,7 @@ IMAGE, QUESTION = "IMAGE.png", "Describe the image."
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from r1v.converters.gguf import LLM_QUANTS, MMPROJ_QUANTS
-    from r1v.quant.imatrix import IMATRIX_POSITIONS
+    from r1v.quant.imatrix import DEFAULT_IMATRIX_POSITIONS, IMATRIX_POSITIONS
     from r1v.quant.methods import DEFAULT_METHOD, METHODS
 
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
@@ -63,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     awq.add_argument("--imatrix-out", type=Path, default=None,
                      help="also write the activation statistics as a llama.cpp imatrix (for convert gguf --imatrix)")
     awq.add_argument("--imatrix-positions", default=None, choices=IMATRIX_POSITIONS,
-                     help="which positions of the calibration windows the imatrix counts: all (image tokens too; "
-                          "the default, measured best on micro-r1v) or text (the text tokens only)")
+                     help="which positions of the calibration windows the imatrix counts: all (image tokens "
+                          f"too) or text (the text tokens only); default {DEFAULT_IMATRIX_POSITIONS}, measured best "
+                          "on micro-r1v")
     awq.add_argument("--device", default="cpu", help="cpu or cuda (fp16 on CUDA, fp32 on CPU)")
     awq.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     awq.set_defaults(_run=run_awq)
@@ -92,11 +93,13 @@ def run(args: argparse.Namespace) -> int:
 
 def run_awq(args: argparse.Namespace) -> int:
     from r1v.quant.driver import quantize_checkpoint_awq
+    from r1v.quant.imatrix import DEFAULT_IMATRIX_POSITIONS
 
     result = quantize_checkpoint_awq(
         args.checkpoint, args.outdir, calib=args.calib, group_size=args.group_size, vision=args.vision,
         n_samples=args.n_samples, seq_len=args.seq_len, method=args.method, device=args.device,
-        imatrix_out=args.imatrix_out, imatrix_positions=args.imatrix_positions or "all", progress=args.progress,
+        imatrix_out=args.imatrix_out, imatrix_positions=args.imatrix_positions or DEFAULT_IMATRIX_POSITIONS,
+        progress=args.progress,
     )
     size = sum(f.stat().st_size for f in result.files)
     resumed = f", resumed at layer {result.resumed_from}" if result.resumed_from else ""

@@ -45,21 +45,30 @@ def standard_error(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
+def gguf_files(checkpoint: Path, folder: Path, quants: tuple[str, ...], progress: bool, imatrix: Path | None = None,
+               with_mmproj: bool = False) -> tuple[dict[str, Path], Path | None]:
+    """The LLM GGUF file of each of `quants` in `folder` (and its F16 mmproj `with_mmproj`), converting only the
+    ones a previous run did not finish."""
+    from r1v.converters.gguf import convert_gguf, llm_file_name, mmproj_file_name
+
+    files = {q: folder / llm_file_name("micro-r1v", q) for q in quants}
+    mmproj = folder / mmproj_file_name("micro-r1v", "f16") if with_mmproj else None
+    missing = [q for q, file in files.items() if not file.is_file()]
+    mmproj_missing = mmproj is not None and not mmproj.is_file()
+    if missing or mmproj_missing:
+        convert_gguf(checkpoint, folder, missing, "f16" if mmproj_missing else None, name="micro-r1v",
+                     imatrix=imatrix, progress=progress)
+    return files, mmproj
+
+
 def build(checkpoint: Path, work: Path, progress: bool) -> dict[str, tuple[Path, Path | None]]:
     """Every format's files: name -> (model path, mmproj or None). Skips what a previous run finished."""
-    from r1v.converters.gguf import convert_gguf, llm_file_name, mmproj_file_name
     from r1v.quant.driver import quantize_checkpoint_awq
 
     from .files import calibration_items
 
-    gguf, gguf_imatrix = work / "gguf", work / "gguf-imatrix"
-    mmproj = gguf / mmproj_file_name("micro-r1v", "f16")
-    missing = [q for q in GGUF_QUANTS if not (gguf / llm_file_name("micro-r1v", q)).is_file()]
-    if missing or not mmproj.is_file():
-        convert_gguf(checkpoint, gguf, missing, None if mmproj.is_file() else "f16", name="micro-r1v",
-                     progress=progress)
-    formats: dict[str, tuple[Path, Path | None]] = {
-        f"GGUF {q.upper()}": (gguf / llm_file_name("micro-r1v", q), mmproj) for q in GGUF_QUANTS}
+    plain, mmproj = gguf_files(checkpoint, work / "gguf", GGUF_QUANTS, progress, with_mmproj=True)
+    formats: dict[str, tuple[Path, Path | None]] = {f"GGUF {q.upper()}": (f, mmproj) for q, f in plain.items()}
     imatrix = work / "imatrix.gguf"
     items = None
     for method in AWQ_METHODS:
@@ -73,11 +82,8 @@ def build(checkpoint: Path, work: Path, progress: bool) -> dict[str, tuple[Path,
             quantize_checkpoint_awq(checkpoint, out, calib=items, group_size=GROUP_SIZE, method=method,
                                     imatrix_out=record, progress=progress)
         formats[f"AWQ g{GROUP_SIZE} {method}"] = (out, None)
-    missing = [q for q in IMATRIX_QUANTS if not (gguf_imatrix / llm_file_name("micro-r1v", q)).is_file()]
-    if missing:
-        convert_gguf(checkpoint, gguf_imatrix, missing, None, name="micro-r1v", imatrix=imatrix, progress=progress)
-    for q in IMATRIX_QUANTS:
-        formats[f"GGUF {q.upper()} + imatrix"] = (gguf_imatrix / llm_file_name("micro-r1v", q), mmproj)
+    weighted, _ = gguf_files(checkpoint, work / "gguf-imatrix", IMATRIX_QUANTS, progress, imatrix=imatrix)
+    formats |= {f"GGUF {q.upper()} + imatrix": (f, mmproj) for q, f in weighted.items()}
     formats["torch fp32 (checkpoint)"] = (checkpoint, None)
     return dict(sorted(formats.items(), key=lambda kv: _display_order(kv[0])))
 
@@ -197,11 +203,17 @@ def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argument_parser("python -m r1v.micro.formats", __doc__)
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Path, Path]:
+    """The options, the checkpoint (refused before any work when it is none) and the work folder."""
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else model_path()
-    work = Path(args.work)
+    if not (checkpoint / "config.json").is_file():
+        parser.error(f"{checkpoint}: not a checkpoint directory (no config.json)")
+    return args, checkpoint, Path(args.work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, checkpoint, work = parse(argument_parser("python -m r1v.micro.formats", __doc__), argv)
     rows = measure(checkpoint, work, args.n, progress=not args.no_progress, workers=args.workers)
     table: dict[str, Any] = {"checkpoint": str(checkpoint), "items": args.n, "seed": task.TEST_SEED,
                              "rows": [asdict(r) for r in rows]}

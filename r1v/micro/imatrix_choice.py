@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import model_path, task
-from .formats import IMATRIX_QUANTS, Row, argument_parser, markdown, measure, results_path
+from . import task
+from .formats import (IMATRIX_QUANTS, Row, argument_parser, gguf_files, markdown, measure, parse,
+                      results_path)
 
 VARIANTS = ("every position", "text positions", "text without images")
 
@@ -76,25 +77,13 @@ def record(checkpoint: Path, variant: str, path: Path, progress: bool) -> Path:
 
 
 def build(checkpoint: Path, work: Path, progress: bool) -> dict[str, tuple[Path, Path | None]]:
-    from r1v.converters.gguf import convert_gguf, llm_file_name, mmproj_file_name
-
-    plain = work / "gguf"
-    mmproj = plain / mmproj_file_name("micro-r1v", "f16")
-    wanted = ("f16", *IMATRIX_QUANTS)
-    missing = [q for q in wanted if not (plain / llm_file_name("micro-r1v", q)).is_file()]
-    if missing or not mmproj.is_file():
-        convert_gguf(checkpoint, plain, missing, None if mmproj.is_file() else "f16", name="micro-r1v",
-                     progress=progress)
-    formats: dict[str, tuple[Path, Path | None]] = {"GGUF F16": (plain / llm_file_name("micro-r1v", "f16"), mmproj)}
-    formats |= {f"GGUF {q.upper()}": (plain / llm_file_name("micro-r1v", q), mmproj) for q in IMATRIX_QUANTS}
+    """F16 (the reference), the types without a matrix, and the types with each matrix: name -> (model, mmproj)."""
+    plain, mmproj = gguf_files(checkpoint, work / "gguf", ("f16", *IMATRIX_QUANTS), progress, with_mmproj=True)
+    formats: dict[str, tuple[Path, Path | None]] = {f"GGUF {q.upper()}": (f, mmproj) for q, f in plain.items()}
     for variant in VARIANTS:
         matrix = record(checkpoint, variant, work / f"imatrix-{_slug(variant)}.gguf", progress)
-        folder = work / f"gguf-{_slug(variant)}"
-        missing = [q for q in IMATRIX_QUANTS if not (folder / llm_file_name("micro-r1v", q)).is_file()]
-        if missing:
-            convert_gguf(checkpoint, folder, missing, None, name="micro-r1v", imatrix=matrix, progress=progress)
-        formats |= {f"GGUF {q.upper()} + imatrix, {variant}": (folder / llm_file_name("micro-r1v", q), mmproj)
-                    for q in IMATRIX_QUANTS}
+        weighted, _ = gguf_files(checkpoint, work / f"gguf-{_slug(variant)}", IMATRIX_QUANTS, progress, imatrix=matrix)
+        formats |= {f"GGUF {q.upper()} + imatrix, {variant}": (f, mmproj) for q, f in weighted.items()}
     return formats
 
 
@@ -103,31 +92,36 @@ def _item_kl(work: Path, name: str) -> dict[str, float]:
     return {r["id"]: r["kl"] for r in rows if r["kl"] is not None}
 
 
-def _names(quant: str) -> dict[str, str]:
-    """Row names of one quant type: every matrix, and no matrix."""
-    q = quant.upper()
-    return {"no imatrix": f"GGUF {q}"} | {v: f"GGUF {q} + imatrix, {v}" for v in VARIANTS}
+MATRICES = ("no imatrix", *VARIANTS)
 
 
-def summary_markdown(work: Path, rows: list[Row]) -> str:
+def _row_name(quant: str, matrix: str) -> str:
+    return f"GGUF {quant.upper()}" if matrix == "no imatrix" else f"GGUF {quant.upper()} + imatrix, {matrix}"
+
+
+def item_kls(work: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-item KL to F16: quant type -> matrix (or "no imatrix") -> item id -> KL."""
+    return {q: {m: _item_kl(work, _row_name(q, m)) for m in MATRICES} for q in IMATRIX_QUANTS}
+
+
+def summary_markdown(kls: dict[str, dict[str, dict[str, float]]], rows: list[Row]) -> str:
     """The README's table: per type and matrix, mean / geometric-mean KL to F16 and the accuracy."""
     by_name = {r.format: r for r in rows}
-    lines = ["| KL to F16: mean / geometric mean (accuracy) | " + " | ".join(_names("q2_k")) + " |",
-             "|---|" + "---|" * len(_names("q2_k"))]
-    for quant in IMATRIX_QUANTS:
+    lines = ["| KL to F16: mean / geometric mean (accuracy) | " + " | ".join(MATRICES) + " |",
+             "|---|" + "---|" * len(MATRICES)]
+    for quant, by_matrix in kls.items():
         cells = []
-        for name in _names(quant).values():
-            kl = np.array(list(_item_kl(work, name).values()))
-            cells.append(f"{by_name[name].mean_kl:.1e} / {geometric_mean(kl):.2e} ({by_name[name].accuracy:.1%})")
+        for matrix, kl in by_matrix.items():
+            row = by_name[_row_name(quant, matrix)]
+            cells.append(f"{row.mean_kl:.1e} / {geometric_mean(np.array(list(kl.values()))):.2e} ({row.accuracy:.1%})")
         lines.append(f"| {quant.upper()} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def pairs(work: Path) -> list[Pair]:
+def pairs(kls: dict[str, dict[str, dict[str, float]]]) -> list[Pair]:
     """Every matrix against every other and against no matrix, per item, on each quant type."""
     found = []
-    for quant in IMATRIX_QUANTS:
-        kl = {v: _item_kl(work, n) for v, n in _names(quant).items()}
+    for quant, kl in kls.items():
         for i, variant in enumerate(VARIANTS):
             for versus in [*VARIANTS[i + 1:], "no imatrix"]:
                 ids = sorted(kl[variant].keys() & kl[versus].keys())
@@ -153,17 +147,15 @@ def pairs_markdown(found: list[Pair]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argument_parser("python -m r1v.micro.imatrix_choice", __doc__)
-    args = parser.parse_args(argv)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else model_path()
-    work = Path(args.work)
+    args, checkpoint, work = parse(argument_parser("python -m r1v.micro.imatrix_choice", __doc__), argv)
     rows = measure(checkpoint, work, args.n, progress=not args.no_progress, workers=args.workers, builder=build,
                    score_reference=False)
-    found = pairs(work)
+    kls = item_kls(work)
+    found = pairs(kls)
     result = {"checkpoint": str(checkpoint), "items": args.n, "seed": task.TEST_SEED,
               "rows": [asdict(r) for r in rows], "pairs": [asdict(p) for p in found]}
     (work / "imatrix-choice.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = summary_markdown(work, rows) + "\n" + markdown(rows) + "\n" + pairs_markdown(found)
+    text = summary_markdown(kls, rows) + "\n" + markdown(rows) + "\n" + pairs_markdown(found)
     (work / "imatrix-choice.md").write_text(text)
     print(text)
     return 0
